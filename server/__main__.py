@@ -1,0 +1,7 @@
+"""``python -m server``: the same as ``mailstorm sink``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main(prog="python -m server"))

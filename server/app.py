@@ -1,0 +1,237 @@
+"""The sink server: listeners, the accept loops, the sessions' nursery, and graceful shutdown.
+
+Resource handling: ``SinkServer.serve`` owns everything it starts. One nursery holds the
+sessions; inside it a second one holds the accept loops and the stats reporter, so that a
+shutdown can stop accepting first and still wait for the sessions. Nothing outlives ``serve``.
+
+Shutdown (``shutdown()``, or SIGINT/SIGTERM from the CLI): stop accepting and close the
+listeners; idle sessions get 421 at once; sessions inside a transaction finish it and then get
+421; after the grace period the rest are cancelled and sent 421. ``serve`` then returns normally.
+
+Error handling: running out of file descriptors in accept is survived by backing off (as trio's
+``serve_listeners`` does); a client over ``--max-connections`` gets 421 4.7.0 and is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import ssl
+from collections.abc import Sequence
+
+import trio
+
+from smtpwire import reply_table as R
+from smtpwire.server import SessionPolicy
+
+from .config import Address, SinkConfig
+from .credentials import CredentialStore
+from .session import Session, SessionContext
+from .stats import SinkStats
+from .stores import DiscardStore, Store, open_store
+from .tls import server_ssl_context
+
+__all__ = ["ConfigError", "SinkServer"]
+
+log = logging.getLogger("mailstorm.sink")
+
+#: accept() errors that mean "out of a resource, try again soon" rather than a broken listener.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: How long the accept loop backs off when out of file descriptors.
+ACCEPT_BACKOFF = 0.1
+#: How long a refused (over-capacity) client gets to read its 421.
+REFUSAL_TIMEOUT = 2.0
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be served; the message is one line for the operator."""
+
+
+class SinkServer:
+    """An SMTP sink. Build it with ``from_config``; run it with ``serve``."""
+
+    def __init__(
+        self,
+        config: SinkConfig,
+        *,
+        store: Store,
+        credentials: CredentialStore | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = SinkStats()
+        self.store = store
+        self.policy = SessionPolicy(
+            hostname=config.hostname,
+            max_size=config.max_size,
+            max_recipients=config.max_recipients,
+            max_errors=config.max_errors,
+            auth_enabled=bool(credentials),
+            auth_required=config.auth_required,
+            tls_available=ssl_context is not None,
+            insecure_auth=config.insecure_auth,
+            bare_linefeed=config.bare_linefeed,
+        )
+        self._ctx = SessionContext(
+            policy=self.policy,
+            store=store,
+            stats=self.stats,
+            credentials=credentials,
+            ssl_context=ssl_context,
+            command_timeout=config.command_timeout,
+            data_timeout=config.data_timeout,
+            keeps_messages=not isinstance(store, DiscardStore),
+        )
+        if config.tls_listen and ssl_context is None:
+            raise ConfigError("--tls-listen needs --tls-cert and --tls-key")
+        if config.auth_required and not credentials:
+            raise ConfigError("--auth-required needs --auth-file with at least one user")
+        self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []
+        self._sessions: set[Session] = set()
+        self._service_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._all_closed = trio.Event()
+
+    @classmethod
+    def from_config(cls, config: SinkConfig) -> SinkServer:
+        """Open the store, credentials and TLS context named by ``config``.
+
+        Raises ``ConfigError`` with a one-line message for anything unusable.
+        """
+        try:
+            store = open_store(config.store)
+            credentials = CredentialStore.load(config.auth_file) if config.auth_file else None
+            ssl_context = None
+            if config.tls_cert or config.tls_key:
+                if not config.tls_cert:
+                    raise ConfigError("--tls-key needs --tls-cert")
+                ssl_context = server_ssl_context(config.tls_cert, config.tls_key)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # CredentialFileError, TLSConfigError, bad store spec
+            raise ConfigError(str(exc)) from None
+        return cls(config, store=store, credentials=credentials, ssl_context=ssl_context)
+
+    def credentials_on_plaintext(self) -> bool:
+        """True when AUTH works without TLS: the operator should be warned at start-up."""
+        return self.policy.auth_enabled and not self.policy.tls_available
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen, serve until ``shutdown()``, then drain. Reports the bound addresses.
+
+        ``task_status.started`` is called once every listener is bound, so that
+        ``await nursery.start(server.serve)`` returns only when clients can connect.
+        """
+        plain = await self._open_listeners(self.config.listen)
+        tls = await self._open_listeners(self.config.tls_listen)
+        listeners = [(listener, False) for listener in plain] + [(lst, True) for lst in tls]
+        self.addresses = [_bound(lst) for lst in plain]
+        self.tls_addresses = [_bound(lst) for lst in tls]
+        try:
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as services:
+                    self._service_scope = services.cancel_scope
+                    if self._stopping:
+                        services.cancel_scope.cancel()
+                    for listener, implicit_tls in listeners:
+                        services.start_soon(self._accept_loop, listener, implicit_tls, sessions)
+                    if self.config.stats_interval > 0:
+                        services.start_soon(self._report_stats, self.config.stats_interval)
+                    task_status.started(self.addresses + self.tls_addresses)
+                for listener, _ in listeners:
+                    await listener.aclose()
+                await self._drain()
+        finally:
+            for listener, _ in listeners:
+                await trio.aclose_forcefully(listener)
+        log.info("stopped: %s", self.stats.interval_line())
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe before ``serve`` has started)."""
+        self._stopping = True
+        if self._service_scope is not None:
+            self._service_scope.cancel()
+
+    async def _open_listeners(self, addresses: Sequence[Address]) -> list[trio.SocketListener]:
+        listeners: list[trio.SocketListener] = []
+        for address in addresses:
+            try:
+                listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+            except OSError as exc:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    reason = "address already in use"
+                raise ConfigError(f"cannot listen on {address}: {reason}") from None
+        return listeners
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, implicit_tls: bool, sessions: trio.Nursery
+    ) -> None:
+        max_connections = self.config.max_connections or math.inf
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept: %s; backing off %.1fs", exc.strerror, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                raise
+            if len(self._sessions) >= max_connections:
+                self.stats.sessions_refused += 1
+                sessions.start_soon(self._refuse, stream)
+                continue
+            session = Session(stream, self._ctx, tls=implicit_tls)
+            self._sessions.add(session)
+            sessions.start_soon(self._run_session, session)
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if self._stopping and not self._sessions:
+                self._all_closed.set()
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(REFUSAL_TIMEOUT):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(R.too_many_connections(self.policy.hostname).to_bytes())
+        await trio.aclose_forcefully(stream)
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        if not self._sessions:
+            return
+        log.info(
+            "shutting down: %d sessions open, grace period %.1fs",
+            len(self._sessions),
+            self.config.grace_period,
+        )
+        for session in list(self._sessions):
+            session.request_stop()
+        with trio.move_on_after(self.config.grace_period):
+            await self._all_closed.wait()
+        for session in list(self._sessions):
+            session.force_stop()
+
+    async def _report_stats(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            log.info("%s", self.stats.interval_line())
+
+
+def _bound(listener: trio.SocketListener) -> tuple[str, int]:
+    name = listener.socket.getsockname()
+    return str(name[0]), int(name[1])

@@ -1,0 +1,323 @@
+"""``mailstorm sink``: command-line parsing, start-up checks, signals, and the run.
+
+It turns arguments into a ``SinkConfig``, reports every unusable setting as one line on stderr
+with exit status 2 (1 for a listener that cannot bind), and maps SIGINT/SIGTERM to a graceful
+shutdown (a second signal skips the grace period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import signal
+import sys
+
+import trio
+
+from smtpwire.data import BareLinefeedPolicy
+
+from .app import ConfigError, SinkServer
+from .config import (
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_DATA_TIMEOUT,
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_SIZE,
+    SinkConfig,
+    parse_address,
+    parse_size,
+)
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("mailstorm.sink")
+
+EPILOG = """\
+examples:
+  mailstorm sink                                   discard and count mail on 127.0.0.1:2525
+  mailstorm sink --store maildir:./mail --stats-interval 5
+  mailstorm sink --listen 127.0.0.1:2525 --listen [::1]:2525 --store mbox:./sink.mbox
+  mailstorm sink --tls-cert cert.pem --tls-key key.pem --tls-listen 127.0.0.1:4650 \\
+                 --auth-file users.txt --auth-required
+
+auth file: one user per line, "user:password" in plaintext, or "user:$scrypt$..." as printed
+by "mailstorm passwd USER". Lines starting with # are comments.
+
+exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 if a listener cannot be opened,
+2 for bad arguments or unusable files.
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _wrap(parse):  # type: ignore[no-untyped-def]
+    def parse_arg(text: str):  # type: ignore[no-untyped-def]
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse_arg
+
+
+def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="A high-concurrency SMTP sink: accepts mail from many clients at once and "
+        "discards, counts, or stores it exactly (Maildir or mbox).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    net = p.add_argument_group("listening")
+    net.add_argument(
+        "--listen",
+        action="append",
+        type=_wrap(parse_address),
+        metavar="HOST:PORT",
+        help="plain SMTP listener, repeatable; IPv6 as [::1]:2525 (default 127.0.0.1:2525)",
+    )
+    net.add_argument(
+        "--tls-listen",
+        action="append",
+        type=_wrap(parse_address),
+        metavar="HOST:PORT",
+        default=[],
+        help="implicit-TLS (SMTPS) listener, repeatable; needs --tls-cert",
+    )
+    net.add_argument(
+        "--hostname",
+        default="localhost",
+        help="name in the banner, EHLO reply and Received headers (default localhost)",
+    )
+    net.add_argument(
+        "--max-connections",
+        type=_count,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="concurrent sessions before new clients get 421 "
+        f"(default {DEFAULT_MAX_CONNECTIONS}; 0 = no limit)",
+    )
+
+    store = p.add_argument_group("storage")
+    store.add_argument(
+        "--store",
+        default="discard",
+        metavar="SPEC",
+        help="discard (count only; default), maildir:DIR, or mbox:FILE. A 250 "
+        "to end of data means the message is on disk (fsynced)",
+    )
+
+    limits = p.add_argument_group("limits")
+    limits.add_argument(
+        "--max-size",
+        type=_wrap(parse_size),
+        default=DEFAULT_MAX_SIZE,
+        metavar="BYTES",
+        help="largest message, advertised as SIZE; accepts "
+        f"k/m/g suffixes (default {DEFAULT_MAX_SIZE}; 0 = no limit)",
+    )
+    limits.add_argument(
+        "--max-recipients",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="recipients per message before 452 (default 1000)",
+    )
+    limits.add_argument(
+        "--max-errors",
+        type=_count,
+        default=20,
+        metavar="N",
+        help="protocol errors before the session is ended with 421 (default 20)",
+    )
+    limits.add_argument(
+        "--bare-lf",
+        choices=[p.value for p in BareLinefeedPolicy],
+        default="normalize",
+        help="bare CR/LF in message content: normalize to CRLF (default) or "
+        "reject the message with 550. Only CRLF.CRLF ever ends DATA",
+    )
+    limits.add_argument(
+        "--command-timeout",
+        type=_positive_float,
+        default=DEFAULT_COMMAND_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait for a command (default {DEFAULT_COMMAND_TIMEOUT:g}, RFC 5321 4.5.3.2)",
+    )
+    limits.add_argument(
+        "--data-timeout",
+        type=_positive_float,
+        default=DEFAULT_DATA_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait for each block of message data (default {DEFAULT_DATA_TIMEOUT:g})",
+    )
+
+    sec = p.add_argument_group("authentication and TLS")
+    sec.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="enable AUTH PLAIN/LOGIN with users from FILE (see below)",
+    )
+    sec.add_argument(
+        "--auth-required",
+        action="store_true",
+        help="refuse MAIL with 530 until the client has authenticated",
+    )
+    sec.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): offer STARTTLS")
+    sec.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    sec.add_argument(
+        "--insecure-auth",
+        action="store_true",
+        help="with TLS configured, also offer AUTH before STARTTLS (otherwise "
+        "538 5.7.11). Without TLS configured AUTH always works on plaintext",
+    )
+
+    run = p.add_argument_group("running")
+    run.add_argument(
+        "--stats-interval",
+        type=_positive_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="print a line of counters every SECONDS (default off)",
+    )
+    run.add_argument(
+        "--grace-period",
+        type=_positive_float,
+        default=DEFAULT_GRACE_PERIOD,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, time for open transactions "
+        f"to finish before the rest get 421 (default {DEFAULT_GRACE_PERIOD:g})",
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-vv for per-session debugging)",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SinkConfig:
+    return SinkConfig(
+        listen=tuple(args.listen or [parse_address("127.0.0.1:2525")]),
+        tls_listen=tuple(args.tls_listen),
+        hostname=args.hostname,
+        store=args.store,
+        max_size=args.max_size,
+        max_recipients=args.max_recipients,
+        max_connections=args.max_connections,
+        max_errors=max(1, args.max_errors),
+        auth_file=args.auth_file,
+        auth_required=args.auth_required,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure_auth=args.insecure_auth,
+        bare_linefeed=BareLinefeedPolicy(args.bare_lf),
+        command_timeout=args.command_timeout or DEFAULT_COMMAND_TIMEOUT,
+        data_timeout=args.data_timeout or DEFAULT_DATA_TIMEOUT,
+        grace_period=args.grace_period,
+        stats_interval=args.stats_interval,
+    )
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each session is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def _run(server: SinkServer) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
+            names = ", ".join(_fmt(a) for a in server.addresses)
+            tls_names = ", ".join(_fmt(a) for a in server.tls_addresses)
+            log.info(
+                "mailstorm sink listening on %s%s; store %s",
+                names or "-",
+                f" (TLS: {tls_names})" if tls_names else "",
+                server.store.describe(),
+            )
+            seen = 0
+            async for signum in signals:
+                seen += 1
+                name = signal.Signals(signum).name
+                if seen == 1:
+                    log.info("%s: shutting down gracefully (again to stop at once)", name)
+                    server.shutdown()
+                else:
+                    log.info("%s: stopping now", name)
+                    nursery.cancel_scope.cancel()
+
+
+async def _serve_then_stop(
+    server: SinkServer,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve; when the server has drained, end the signal watcher too."""
+    await server.serve(task_status=task_status)
+    scope.cancel()
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    config = config_from_args(args)
+    try:
+        server = SinkServer.from_config(config)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if server.credentials_on_plaintext():
+        log.warning(
+            "warning: AUTH is offered without TLS: passwords travel in plaintext "
+            "(configure --tls-cert/--tls-key to protect them)"
+        )
+    raise_fd_limit()
+    try:
+        trio.run(_run, server)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

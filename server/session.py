@@ -1,0 +1,254 @@
+"""The trio driver of one SMTP session: moves bytes between a stream and ``ServerConnection``.
+
+It owns time (command and data timeouts as cancel scopes), the TLS upgrade, calls to the store
+and the credential check, and the session's part in a graceful shutdown. It never parses SMTP:
+every decision about the protocol is the sans-IO core's.
+
+Resource handling: the stream is closed when ``run`` returns, whatever happened. Error handling:
+a peer that vanishes, resets, or fails the TLS handshake ends the session quietly (counted, not
+raised); a store failure becomes a 451 and the session goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+
+import trio
+
+from smtpwire import reply_table as R
+from smtpwire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
+from smtpwire.server import ServerConnection, SessionPolicy
+
+from .credentials import CredentialStore
+from .stats import SinkStats
+from .stores import Store, StoreError
+from .trace import trace_headers
+
+__all__ = ["Session", "SessionContext"]
+
+log = logging.getLogger("mailstorm.sink")
+
+#: Bytes asked of the socket per receive: a whole pipelined group or a large DATA block.
+RECEIVE_SIZE = 65536
+#: scrypt costs 16 MiB and tens of milliseconds per check: bound how many run at once.
+_SCRYPT_LIMITER = trio.CapacityLimiter(4)
+#: How long a last reply (421 on shutdown) may take to send before the socket is just closed.
+GOODBYE_TIMEOUT = 2.0
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(slots=True)
+class SessionContext:
+    """What every session of one server shares."""
+
+    policy: SessionPolicy
+    store: Store
+    stats: SinkStats
+    credentials: CredentialStore | None
+    ssl_context: ssl.SSLContext | None
+    command_timeout: float
+    data_timeout: float
+    #: Whether the store keeps messages (then trace headers are built for each one).
+    keeps_messages: bool
+
+
+class _QueueIds:
+    """Short unique queue ids: a per-process prefix and a counter, as Postfix's are short."""
+
+    def __init__(self) -> None:
+        self._prefix = f"{int(time.time()) & 0xFFFFFF:06X}{os.getpid() & 0xFFFF:04X}"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):06X}"
+
+
+_queue_ids = _QueueIds()
+
+
+class Session:
+    """One connection, from banner to close."""
+
+    def __init__(self, stream: trio.abc.Stream, ctx: SessionContext, *, tls: bool) -> None:
+        self.stream: trio.abc.Stream = stream
+        self.ctx = ctx
+        self.implicit_tls = tls
+        self.conn = ServerConnection(ctx.policy, tls_active=tls)
+        self.peer_ip, self.peer_port = _peer_of(stream)
+        #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
+        self.stopping = False
+        self._scope = trio.CancelScope()
+        self._receive_scope: trio.CancelScope | None = None
+
+    # ---- lifecycle hooks called by the server ------------------------------------------
+
+    def request_stop(self) -> None:
+        """Graceful shutdown: an idle session stops now, a busy one after its transaction."""
+        self.stopping = True
+        if self._receive_scope is not None and not self.conn.in_transaction:
+            self._receive_scope.cancel()
+
+    def force_stop(self) -> None:
+        """The grace period is over: stop whatever the session is doing."""
+        self.stopping = True
+        self._scope.cancel()
+
+    # ---- the session -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        stats = self.ctx.stats
+        stats.sessions_total += 1
+        stats.sessions_active += 1
+        try:
+            with self._scope:
+                if self.implicit_tls and not await self._handshake():
+                    return
+                await self._loop()
+            if self._scope.cancelled_caught:
+                await self._goodbye()
+        except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
+            # The peer vanished, reset, or stopped reading: nothing to report to it.
+            log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
+        finally:
+            stats.sessions_active -= 1
+            await trio.aclose_forcefully(self.stream)
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        ctx = self.ctx
+        while True:
+            event = conn.next_event()
+            if event is NeedData:
+                await self._flush()
+                if self.stopping and not conn.in_transaction:
+                    conn.close(R.shutting_down(ctx.policy.hostname))
+                    continue
+                timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
+                with trio.move_on_after(timeout) as scope:
+                    self._receive_scope = scope
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                self._receive_scope = None
+                if scope.cancelled_caught:
+                    if self.stopping:
+                        conn.close(R.shutting_down(ctx.policy.hostname))
+                    else:
+                        conn.timed_out()
+                    continue
+                conn.receive_data(data)
+            elif type(event) is MessageReceived:
+                await self._deliver(event)
+            elif type(event) is AuthAttempt:
+                await self._check_credentials(event)
+            elif type(event) is StartTLS:
+                await self._flush()
+                if not await self._handshake():
+                    return
+                conn.tls_started()
+            elif type(event) is Closed:
+                await self._flush()
+                return
+
+    async def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            # A client that stops reading must not pin the session forever.
+            with trio.fail_after(self.ctx.command_timeout):
+                await self.stream.send_all(data)
+
+    async def _goodbye(self) -> None:
+        """Send the 421 of a forced shutdown, shielded and bounded, if the stream still works."""
+        self.conn.close(R.shutting_down(self.ctx.policy.hostname))
+        data = self.conn.data_to_send()
+        with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(data)
+            except (*_STREAM_ERRORS, trio.BusyResourceError):
+                pass
+
+    async def _handshake(self) -> bool:
+        ctx = self.ctx
+        assert ctx.ssl_context is not None
+        tls_stream = trio.SSLStream(self.stream, ctx.ssl_context, server_side=True)
+        self.stream = tls_stream
+        try:
+            with trio.fail_after(ctx.command_timeout):
+                await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
+            return False
+        ctx.stats.tls_sessions += 1
+        return True
+
+    async def _deliver(self, event: MessageReceived) -> None:
+        ctx = self.ctx
+        stats = ctx.stats
+        queue_id = _queue_ids.next()
+        envelope = event.envelope
+        try:
+            if ctx.keeps_messages:
+                version, cipher = self._tls_details()
+                trace = trace_headers(
+                    envelope,
+                    hostname=ctx.policy.hostname,
+                    peer_name="unknown",
+                    peer_ip=self.peer_ip,
+                    queue_id=queue_id,
+                    tls_version=version,
+                    tls_cipher=cipher,
+                )
+            else:
+                trace = b""
+            await ctx.store.deliver(envelope, event.content, trace)
+        except (StoreError, OSError) as exc:
+            stats.storage_failures += 1
+            stats.messages_refused += 1
+            log.error("storing message %s failed: %s", queue_id, exc)
+            self.conn.message_failed()
+            return
+        stats.messages += 1
+        stats.bytes += len(event.content)
+        stats.recipients += len(envelope.rcpt_tos)
+        self.conn.message_stored(queue_id)
+
+    async def _check_credentials(self, event: AuthAttempt) -> None:
+        credentials = self.ctx.credentials
+        ok = False
+        if credentials is not None:
+            if credentials.needs_thread(event.username):
+                # scrypt takes tens of milliseconds: keep the event loop free meanwhile.
+                ok = await trio.to_thread.run_sync(
+                    credentials.verify, event.username, event.password, limiter=_SCRYPT_LIMITER
+                )
+            else:
+                ok = credentials.verify(event.username, event.password)
+        if not ok:
+            self.ctx.stats.auth_failures += 1
+            # The username is not a secret; the password never appears in a log line.
+            log.info(
+                "AUTH %s failed for user %r from %s", event.mechanism, event.username, self.peer_ip
+            )
+        self.conn.auth_result(ok)
+
+    def _tls_details(self) -> tuple[str | None, str | None]:
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            cipher = stream.cipher()
+            return stream.version(), cipher[0] if cipher else None
+        return None, None
+
+
+def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
+    sock = getattr(stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:
+        peer = None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return "unknown", 0

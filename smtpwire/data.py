@@ -1,0 +1,185 @@
+"""Message content on the wire: the server's DATA and BDAT readers, the client's dot-stuffing.
+
+Theory of operation (DATA, RFC 5321 4.5.2): the body is kept in the connection's receive buffer,
+exactly as it arrived, until the end-of-data marker CRLF "." CRLF is found. Each new chunk is
+scanned once with ``bytearray.find`` starting four bytes before its beginning, so a marker split
+across reads is still found and no byte is looked at twice. When the marker is found the body is
+copied out once and unstuffed as a whole block with ``bytes.replace`` (C speed); no Python code
+ever runs per line.
+
+Bounds: a body larger than the limit is not kept. Its bytes are dropped as they arrive (all but
+the last four, which may begin the marker) until the marker shows up, so the session survives
+and memory stays bounded.
+
+Bare CR and LF (smuggling, CVE-2023-51764 and kin): only CRLF "." CRLF ends DATA, never LF "." LF
+or any mix, so a bare-LF sequence cannot end a message early or smuggle a second one. Inside the
+body the policy decides: ``normalize`` turns every bare CR or LF into CRLF, ``reject`` refuses
+the message.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+__all__ = [
+    "BareLinefeedPolicy",
+    "BdatReader",
+    "DataFailure",
+    "DataReader",
+    "dot_stuff",
+    "normalize_line_endings",
+]
+
+END_OF_DATA = b"\r\n.\r\n"
+_EMPTY_BODY_END = b".\r\n"
+#: How many bytes of a dropped oversize body to keep: a marker may begin in them.
+_MARKER_TAIL = len(END_OF_DATA) - 1
+_ANY_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class BareLinefeedPolicy(Enum):
+    """What to do with a bare CR or LF inside message content."""
+
+    #: Treat it as a line end: it is stored as CRLF.
+    NORMALIZE = "normalize"
+    #: Refuse the message with 550 5.6.0; the session stays usable.
+    REJECT = "reject"
+
+
+class DataFailure(Enum):
+    """Why a complete body is not delivered."""
+
+    TOO_BIG = "too big"
+    BARE_LINEFEED = "bare linefeed"
+
+
+def has_bare_line_ending(content: bytes) -> bool:
+    """True if ``content`` holds a CR or LF that is not part of a CRLF pair."""
+    crlf = content.count(b"\r\n")
+    return content.count(b"\n") != crlf or content.count(b"\r") != crlf
+
+
+def normalize_line_endings(content: bytes) -> bytes:
+    """Every CRLF, bare CR and bare LF becomes CRLF. Returns ``content`` itself when clean."""
+    if not has_bare_line_ending(content):
+        return content
+    return _ANY_EOL.sub(b"\r\n", content)
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Undo dot-stuffing on a whole body: the first "." of every line is removed."""
+    if raw[:1] == b".":
+        raw = raw[1:]
+    if b"\r\n." in raw:
+        raw = raw.replace(b"\r\n.", b"\r\n")
+    return raw
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The DATA wire form of ``body``: CRLF line ends, stuffed dots, and the end marker.
+
+    Bare CR/LF are normalized to CRLF first (as smtplib does), and a final CRLF is added if the
+    body does not end with one, so the server stores exactly ``normalize_line_endings(body)``
+    (plus that CRLF).
+    """
+    body = normalize_line_endings(body)
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    if body[:1] == b".":
+        body = b"." + body
+    if b"\r\n." in body:
+        body = body.replace(b"\r\n.", b"\r\n..")
+    return body + _EMPTY_BODY_END
+
+
+class DataReader:
+    """Reads one DATA body out of a receive buffer, consuming it from the front.
+
+    Call ``read(buf)`` each time bytes were added. It returns None while the end is not yet
+    there, and ``(content, failure)`` once it is: ``content`` is the unstuffed body (CRLF
+    line ends) or None if ``failure`` says why it is refused.
+    """
+
+    __slots__ = ("_at_start", "_failure", "_max_raw", "_scan_from", "max_size", "policy")
+
+    def __init__(self, max_size: int, policy: BareLinefeedPolicy) -> None:
+        self.max_size = max_size
+        self.policy = policy
+        # Stuffing adds at most one byte per line; allow for it while streaming, check the
+        # exact unstuffed size at the end.
+        self._max_raw = max_size + (max_size >> 3) + 4096 if max_size else 0
+        self._scan_from = 0
+        self._at_start = True
+        self._failure: DataFailure | None = None
+
+    def read(self, buf: bytearray) -> tuple[bytes | None, DataFailure | None] | None:
+        if self._at_start:
+            # The CRLF that ends the DATA command line counts as the marker's first CRLF.
+            if len(buf) < 3:
+                if _EMPTY_BODY_END.startswith(buf):
+                    return None
+            elif buf.startswith(_EMPTY_BODY_END):
+                del buf[:3]
+                return b"", None
+            self._at_start = False
+
+        end = buf.find(END_OF_DATA, self._scan_from)
+        if end < 0:
+            size = len(buf)
+            if self._max_raw and size > self._max_raw:
+                self._failure = DataFailure.TOO_BIG
+            if self._failure is not None:
+                # Drain: keep only what may begin the marker.
+                del buf[: size - _MARKER_TAIL]
+                self._scan_from = 0
+            else:
+                self._scan_from = max(0, size - _MARKER_TAIL)
+            return None
+
+        if self._failure is not None:
+            del buf[: end + len(END_OF_DATA)]
+            return None, self._failure
+        raw = bytes(memoryview(buf)[: end + 2])
+        del buf[: end + len(END_OF_DATA)]
+        return self.finish(raw)
+
+    def finish(self, raw: bytes) -> tuple[bytes | None, DataFailure | None]:
+        """Apply the bare-linefeed policy, unstuffing and the exact size check to a raw body."""
+        if has_bare_line_ending(raw):
+            if self.policy is BareLinefeedPolicy.REJECT:
+                return None, DataFailure.BARE_LINEFEED
+            raw = _ANY_EOL.sub(b"\r\n", raw)
+        content = unstuff(raw)
+        if self.max_size and len(content) > self.max_size:
+            return None, DataFailure.TOO_BIG
+        return content, None
+
+
+class BdatReader:
+    """Reads the octets of one BDAT chunk (RFC 3030): no markers, no stuffing, just a count.
+
+    ``read(buf)`` returns None until ``size`` octets are buffered, then the chunk (or None when
+    ``keep`` is False, so that refused or oversize chunks are drained without being kept).
+    """
+
+    __slots__ = ("_remaining", "keep")
+
+    def __init__(self, size: int, keep: bool) -> None:
+        self._remaining = size
+        self.keep = keep
+
+    def read(self, buf: bytearray) -> tuple[bytes | None] | None:
+        if not self.keep:
+            take = min(self._remaining, len(buf))
+            del buf[:take]
+            self._remaining -= take
+            return (None,) if self._remaining == 0 else None
+        if len(buf) < self._remaining:
+            return None
+        chunk = bytes(memoryview(buf)[: self._remaining])
+        del buf[: self._remaining]
+        self._remaining = 0
+        return (chunk,)

@@ -1,0 +1,103 @@
+"""Events the server connection hands to its driver, and the envelope they carry.
+
+Events are plain classes, in the manner of h11: the sans-IO core produces them, the trio shell
+acts on them (store a message, check a password, upgrade to TLS, close) and reports back.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AuthAttempt",
+    "Closed",
+    "Envelope",
+    "Event",
+    "MessageReceived",
+    "NeedData",
+    "StartTLS",
+]
+
+
+@dataclass(slots=True)
+class Envelope:
+    """The SMTP envelope of one transaction, with what the session knew when it began."""
+
+    mail_from: str = ""
+    rcpt_tos: list[str] = field(default_factory=list)
+    #: ESMTP parameters of MAIL FROM, keywords upper-cased, values as sent (None when absent).
+    mail_options: dict[str, str | None] = field(default_factory=dict)
+    #: ESMTP parameters per RCPT TO, in the same order as ``rcpt_tos``.
+    rcpt_options: list[dict[str, str | None]] = field(default_factory=list)
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    helo: str = ""
+    #: "SMTP" after HELO, "ESMTP" after EHLO, "LMTP" after LHLO.
+    greeting: str = "ESMTP"
+    tls: bool = False
+    auth_user: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        """The RFC 3848 / RFC 6531 "with" keyword for a Received header."""
+        if self.greeting == "SMTP":
+            return "SMTP"
+        base = "UTF8SMTP" if self.smtputf8 else self.greeting
+        return base + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+
+
+class Event:
+    """Base class of everything ``ServerConnection.next_event`` returns."""
+
+    __slots__ = ()
+
+
+class _NeedData(Event):
+    """All buffered input is processed: send pending output, then receive more."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Singleton: returned when the connection needs more bytes from the peer.
+NeedData = _NeedData()
+
+
+@dataclass(slots=True)
+class MessageReceived(Event):
+    """A complete message: store it, then call ``message_stored(ok)`` to release the reply."""
+
+    envelope: Envelope
+    #: The exact unstuffed content, CRLF line endings, ending in CRLF (or empty).
+    content: bytes
+
+
+@dataclass(slots=True)
+class AuthAttempt(Event):
+    """Credentials to check: call ``auth_result(ok)`` with the verdict."""
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+    authzid: str = ""
+
+
+class StartTLS(Event):
+    """The 220 to STARTTLS is queued: send it, do the handshake, then call ``tls_started()``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "StartTLS()"
+
+
+class Closed(Event):
+    """The session is over (QUIT, 421, or peer gone): send what is pending, then close."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Closed()"

@@ -1,0 +1,769 @@
+"""The server side of an SMTP session as a sans-IO state machine.
+
+Rules of this file: it never touches sockets, clocks, threads or files. Bytes go in with
+``receive_data``; ``next_event`` processes as much buffered input as it can and returns an
+event (``NeedData``, ``MessageReceived``, ``AuthAttempt``, ``StartTLS``, ``Closed``); replies
+pile up until the driver takes them with ``data_to_send``. Events that need the driver's answer
+(storing a message, checking a password, the TLS handshake) park the machine until the driver
+calls ``message_stored``/``message_failed``, ``auth_result`` or ``tls_started``.
+
+Theory of operation. Input is read by a reader chosen by ``Mode`` (command lines, a DATA body,
+BDAT octets, an AUTH continuation line), h11-style. A command line is matched once against
+``grammar.COMMAND`` and dispatched through ``_HANDLERS`` by verb. Whether a verb may run in the
+current transaction ``Phase`` is decided by one lookup in the ``_OUT_OF_SEQUENCE`` table; the
+handlers only move between phases. Because every complete command already buffered is processed
+before the driver is asked for more bytes, the replies to a PIPELINING group leave in one send.
+
+Security properties held here:
+- every buffer and count is bounded (command line, AUTH line, message size, recipients, errors);
+- after STARTTLS, anything the client pipelined in plaintext is discarded (CVE-2011-0411) and
+  the session forgets HELO, envelope and AUTH (RFC 3207 4.2);
+- only CRLF "." CRLF ends DATA (see ``data.DataReader``);
+- passwords only ever leave in an ``AuthAttempt`` (whose repr hides them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from . import reply_table as R
+from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
+from .events import (
+    AuthAttempt,
+    Closed,
+    Envelope,
+    Event,
+    MessageReceived,
+    NeedData,
+    StartTLS,
+)
+from .grammar import COMMAND, MAIL_ARGS, MAX_PATH_OCTETS, RCPT_ARGS, DuplicateParameter
+from .grammar import parse_path as _parse_path
+from .replies import Reply
+
+__all__ = ["Mode", "Phase", "ServerConnection", "SessionPolicy"]
+
+#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
+MAX_COMMAND_LINE = 512
+#: RFC 4954 4: AUTH lines (command and responses) may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})( +LAST)? *", re.IGNORECASE)
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """What the server offers and enforces; shared by all sessions of a server."""
+
+    hostname: str = "localhost"
+    #: Largest message in octets (advertised as SIZE); 0 means no limit.
+    max_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    #: Protocol errors (5xx to commands) before the session is ended with 421.
+    max_errors: int = 20
+    #: True when credentials exist, so AUTH PLAIN LOGIN can be offered.
+    auth_enabled: bool = False
+    auth_required: bool = False
+    #: True when a certificate is configured, so STARTTLS can be offered.
+    tls_available: bool = False
+    #: Offer AUTH on a plaintext connection even though TLS is available.
+    insecure_auth: bool = False
+    bare_linefeed: BareLinefeedPolicy = BareLinefeedPolicy.NORMALIZE
+
+    def ehlo_keywords(self, tls_active: bool) -> list[str]:
+        """The EHLO keyword lines (RFC 5321 4.1.1.1) for a session in this TLS state."""
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.max_size}" if self.max_size else "SIZE",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+        ]
+        if self.auth_offered(tls_active):
+            keywords.append("AUTH PLAIN LOGIN")
+        if self.tls_available and not tls_active:
+            keywords.append("STARTTLS")
+        return keywords
+
+    def auth_offered(self, tls_active: bool) -> bool:
+        # With TLS configured, credentials only travel encrypted unless told otherwise.
+        return self.auth_enabled and (tls_active or not self.tls_available or self.insecure_auth)
+
+
+class Mode(Enum):
+    """Which reader consumes the next input bytes."""
+
+    #: Command lines.
+    COMMAND = auto()
+    #: A DATA body, until CRLF.CRLF.
+    DATA = auto()
+    #: The octets of one BDAT chunk.
+    BDAT = auto()
+    #: One line of an AUTH exchange (a base64 response or "*").
+    AUTH_LINE = auto()
+    #: Parked: the driver owes an answer (store, password check, TLS handshake).
+    WAITING = auto()
+    #: The session is over; input is ignored.
+    CLOSED = auto()
+
+
+class Phase(Enum):
+    """Where the session is in the mail transaction; decides which commands are in sequence."""
+
+    #: No HELO/EHLO yet (also right after STARTTLS).
+    CONNECTED = auto()
+    #: Greeted, no transaction.
+    READY = auto()
+    #: MAIL accepted, no recipient yet.
+    MAIL = auto()
+    #: At least one recipient accepted.
+    RCPT = auto()
+    #: Inside a BDAT sequence (after a non-LAST chunk).
+    BDAT = auto()
+
+
+# Commands out of sequence: (verb, phase) -> the 503 to send. Absent means "in sequence".
+_OUT_OF_SEQUENCE: dict[tuple[str, Phase], Reply] = {
+    ("MAIL", Phase.CONNECTED): R.NEED_HELO,
+    ("MAIL", Phase.MAIL): R.NESTED_MAIL,
+    ("MAIL", Phase.RCPT): R.NESTED_MAIL,
+    ("MAIL", Phase.BDAT): R.NESTED_MAIL,
+    ("RCPT", Phase.CONNECTED): R.NEED_MAIL,
+    ("RCPT", Phase.READY): R.NEED_MAIL,
+    ("RCPT", Phase.BDAT): R.BDAT_IN_PROGRESS,
+    ("DATA", Phase.CONNECTED): R.NEED_MAIL,
+    ("DATA", Phase.READY): R.NEED_MAIL,
+    ("DATA", Phase.MAIL): R.NEED_RCPT,
+    ("DATA", Phase.BDAT): R.DATA_DURING_BDAT,
+    ("BDAT", Phase.CONNECTED): R.NEED_MAIL,
+    ("BDAT", Phase.READY): R.NEED_MAIL,
+    ("BDAT", Phase.MAIL): R.NEED_RCPT,
+    ("AUTH", Phase.CONNECTED): R.NEED_HELO,
+    ("AUTH", Phase.MAIL): R.AUTH_IN_TRANSACTION,
+    ("AUTH", Phase.RCPT): R.AUTH_IN_TRANSACTION,
+    ("AUTH", Phase.BDAT): R.AUTH_IN_TRANSACTION,
+}
+
+_HELP_TOPICS: dict[str, str] = {
+    "HELO": "HELO hostname",
+    "EHLO": "EHLO hostname",
+    "MAIL": "MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
+    "RCPT": "RCPT TO:<address>",
+    "DATA": "DATA, then the message, ended by a line with a single dot",
+    "BDAT": "BDAT chunk-size [LAST]",
+    "RSET": "RSET",
+    "NOOP": "NOOP [string]",
+    "QUIT": "QUIT",
+    "VRFY": "VRFY address",
+    "EXPN": "EXPN list",
+    "HELP": "HELP [command]",
+    "AUTH": "AUTH PLAIN|LOGIN [initial-response]",
+    "STARTTLS": "STARTTLS",
+}
+_HELP_ALL = Reply(
+    214,
+    "2.0.0",
+    "Commands supported:",
+    " ".join(_HELP_TOPICS),
+    "For information on a command, send HELP command",
+)
+_HELP_REPLIES = {verb: Reply(214, "2.0.0", text) for verb, text in _HELP_TOPICS.items()}
+_HELP_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
+
+_AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class ServerConnection:
+    """One SMTP session, server side. See the module docstring for the theory of operation."""
+
+    def __init__(self, policy: SessionPolicy, *, tls_active: bool = False) -> None:
+        self.policy = policy
+        self.tls_active = tls_active
+        self.mode = Mode.COMMAND
+        self.phase = Phase.CONNECTED
+        self.helo = ""
+        self.greeting = "ESMTP"
+        self.auth_user: str | None = None
+        self.envelope: Envelope | None = None
+        self.errors = 0
+        self._buf = bytearray()
+        self._out: list[bytes] = [R.banner(policy.hostname).to_bytes()]
+        self._eof = False
+        # An unterminated line over every limit was dropped; complain when its end arrives.
+        self._overlong = False
+        # DATA/BDAT state.
+        self._data_reader: DataReader | None = None
+        self._bdat_reader: BdatReader | None = None
+        self._bdat_chunks: list[bytes] = []
+        self._bdat_size = 0
+        self._bdat_last = False
+        self._bdat_refusal: Reply | None = None
+        # AUTH exchange state: mechanism, and for LOGIN the username once given.
+        self._auth_mechanism = ""
+        self._auth_username: str | None = None
+        self._pending: Event | None = None
+
+    # ---- driver API --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed its side."""
+        if data:
+            if self.mode is not Mode.CLOSED:
+                self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event:
+        """Process buffered input until an event for the driver comes up."""
+        while True:
+            event = _READERS[self.mode](self)
+            if event is not None:
+                return event
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer, as one buffer (one send for a pipelined group)."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between an accepted MAIL and the end of its message (for graceful shutdown)."""
+        return self.phase in (Phase.MAIL, Phase.RCPT, Phase.BDAT) or self.mode in (
+            Mode.DATA,
+            Mode.BDAT,
+        )
+
+    @property
+    def receiving_content(self) -> bool:
+        """True while message octets are expected (the driver applies the data timeout)."""
+        return self.mode is Mode.DATA or self.mode is Mode.BDAT
+
+    def message_stored(self, queue_id: str) -> None:
+        """The driver stored the message of the last ``MessageReceived``."""
+        self._resume(R.queued(queue_id))
+
+    def message_failed(self, reply: Reply = R.STORAGE_FAILED) -> None:
+        """The driver could not store the message; the client is told to try later."""
+        self._resume(reply)
+
+    def auth_result(self, ok: bool) -> None:
+        """The driver checked the credentials of the last ``AuthAttempt``."""
+        if ok:
+            self.auth_user = self._auth_username
+            self._resume(R.AUTH_OK)
+        else:
+            self._auth_username = None
+            self._resume(self._error(R.AUTH_FAILED))
+
+    def tls_started(self) -> None:
+        """The TLS handshake after ``StartTLS`` succeeded: start over as RFC 3207 4.2 says."""
+        self.tls_active = True
+        self.helo = ""
+        self.greeting = "ESMTP"
+        self.auth_user = None
+        self.envelope = None
+        self.phase = Phase.CONNECTED
+        self.mode = Mode.COMMAND
+
+    def close(self, reply: Reply | None = None) -> None:
+        """End the session, optionally queueing a last reply (421 on shutdown or timeout)."""
+        if reply is not None and self.mode is not Mode.CLOSED:
+            self._out.append(reply.to_bytes())
+        self.mode = Mode.CLOSED
+        self._buf.clear()
+
+    def timed_out(self) -> None:
+        self.close(R.timed_out(self.policy.hostname))
+
+    # ---- internals: replies ------------------------------------------------------------
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(reply.to_bytes())
+
+    def _error(self, reply: Reply) -> Reply:
+        """Count a client error; past the limit the session ends with 421 after the reply."""
+        self.errors += 1
+        if self.errors >= self.policy.max_errors:
+            self._out.append(reply.to_bytes())
+            return R.too_many_errors(self.policy.hostname)
+        return reply
+
+    def _resume(self, reply: Reply) -> None:
+        if self.mode is not Mode.WAITING:
+            raise RuntimeError("no pending event to answer")
+        self._pending = None
+        self.mode = Mode.COMMAND
+        self._reply(reply)
+        if reply.code == 421:
+            self.close()
+
+    def _refuse(self, reply: Reply) -> None:
+        reply = self._error(reply)
+        self._reply(reply)
+        if reply.code == 421:
+            self.close()
+
+    def _park(self, event: Event) -> Event:
+        self.mode = Mode.WAITING
+        self._pending = event
+        return event
+
+    def _reset_transaction(self) -> None:
+        self.envelope = None
+        self._bdat_chunks = []
+        self._bdat_size = 0
+        if self.phase is not Phase.CONNECTED:
+            self.phase = Phase.READY
+
+    # ---- readers, one per mode ---------------------------------------------------------
+
+    def _read_command(self) -> Event | None:
+        buf = self._buf
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > MAX_AUTH_LINE:
+                # Drop the unterminated giant line but remember to complain at its end.
+                del buf[:]
+                self._overlong = True
+            return Closed() if self._eof else NeedData
+        line = bytes(memoryview(buf)[: end - 1 if end and buf[end - 1] == 13 else end])
+        del buf[: end + 1]
+        if self._overlong:
+            self._overlong = False
+            self._refuse(R.LINE_TOO_LONG)
+            return None
+        return self._dispatch_line(line)
+
+    def _dispatch_line(self, line: bytes) -> Event | None:
+        if len(line) > MAX_COMMAND_LINE - 2 and (
+            len(line) > MAX_AUTH_LINE - 2 or line[:5].upper() != b"AUTH "
+        ):
+            self._refuse(R.LINE_TOO_LONG)
+            return None
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse(R.BAD_UTF8)
+            return None
+        m = COMMAND.fullmatch(text)
+        if m is None:
+            self._refuse(R.UNKNOWN_COMMAND)
+            return None
+        verb = m.group(1).upper()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self._refuse(R.UNKNOWN_COMMAND)
+            return None
+        refusal = _OUT_OF_SEQUENCE.get((verb, self.phase))
+        if refusal is not None:
+            if verb == "BDAT":
+                # The chunk's octets follow regardless: they must be drained, then refused.
+                return self._bdat_drain(m.group(2), refusal)
+            self._refuse(refusal)
+            return None
+        return handler(self, m.group(2))
+
+    def _read_data(self) -> Event | None:
+        reader = self._data_reader
+        assert reader is not None
+        result = reader.read(self._buf)
+        if result is None:
+            return Closed() if self._eof else NeedData
+        content, failure = result
+        self._data_reader = None
+        self.mode = Mode.COMMAND
+        return self._finish_message(content, failure)
+
+    def _read_bdat(self) -> Event | None:
+        reader = self._bdat_reader
+        assert reader is not None
+        result = reader.read(self._buf)
+        if result is None:
+            return Closed() if self._eof else NeedData
+        self._bdat_reader = None
+        self.mode = Mode.COMMAND
+        (chunk,) = result
+        refusal = self._bdat_refusal
+        if refusal is not None:
+            self._bdat_refusal = None
+            if refusal.code == 552:
+                # RFC 3030 2: after a 5xx to a chunk the client sends no more of this message;
+                # the transaction is over, and any further chunk is out of sequence.
+                self._reset_transaction()
+                self._reply(refusal)
+            else:
+                self._refuse(refusal)
+            return None
+        assert chunk is not None
+        self._bdat_chunks.append(chunk)
+        if not self._bdat_last:
+            self.phase = Phase.BDAT
+            self._reply(R.chunk_received(len(chunk)))
+            return None
+        chunks = self._bdat_chunks
+        self._bdat_chunks = []
+        return self._finish_message(b"".join(chunks), None)
+
+    def _read_auth_line(self) -> Event | None:
+        buf = self._buf
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > MAX_AUTH_LINE:
+                del buf[:]
+                self.mode = Mode.COMMAND
+                self._refuse(R.LINE_TOO_LONG)
+                return None
+            return Closed() if self._eof else NeedData
+        line = bytes(buf[:end]).rstrip(b"\r")
+        del buf[: end + 1]
+        self.mode = Mode.COMMAND
+        return self._auth_response(line.decode("ascii", "replace"))
+
+    def _read_nothing(self) -> Event | None:
+        # WAITING: the driver owes an answer; CLOSED: there is nothing more to do.
+        if self.mode is Mode.CLOSED:
+            return Closed()
+        raise RuntimeError(f"next_event() while waiting for the answer to {self._pending!r}")
+
+    # ---- command handlers ----------------------------------------------------------------
+
+    def _helo(self, arg: str | None) -> Event | None:
+        return self._greet(arg, "SMTP")
+
+    def _ehlo(self, arg: str | None) -> Event | None:
+        return self._greet(arg, "ESMTP")
+
+    def _greet(self, arg: str | None, greeting: str) -> Event | None:
+        arg = (arg or "").strip()
+        if not arg or " " in arg:
+            self._refuse(R.SYNTAX_HELO if greeting == "SMTP" else R.SYNTAX_EHLO)
+            return None
+        # A sink accepts whatever name the client gives (as Postfix does by default); it is
+        # recorded as sent, and sanitized where it is written into a Received header.
+        self._reset_transaction()
+        self.helo = arg
+        self.greeting = greeting
+        self.phase = Phase.READY
+        host = self.policy.hostname
+        if greeting == "SMTP":
+            self._reply(R.helo(host))
+        else:
+            self._reply(Reply(250, None, host, *self.policy.ehlo_keywords(self.tls_active)))
+        return None
+
+    def _mail(self, arg: str | None) -> Event | None:
+        policy = self.policy
+        if policy.auth_required and self.auth_user is None:
+            self._refuse(R.AUTH_REQUIRED)
+            return None
+        m = MAIL_ARGS.fullmatch(arg or "")
+        if m is None:
+            self._refuse(R.SYNTAX_MAIL)
+            return None
+        try:
+            path = _parse_path(m)
+        except DuplicateParameter:
+            self._refuse(R.DUPLICATE_PARAM)
+            return None
+        if len(path.mailbox) > MAX_PATH_OCTETS - 2:
+            self._refuse(R.PATH_TOO_LONG)
+            return None
+        params = path.params
+        body_type = "7BIT"
+        smtputf8 = False
+        if params:
+            if self.greeting == "SMTP":
+                self._refuse(R.NEED_EHLO_FOR_PARAMS)
+                return None
+            for key, value in params.items():
+                refusal = _check_mail_param(key, value, policy.max_size)
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return None
+            body_type = (params.get("BODY") or "7BIT").upper()
+            smtputf8 = "SMTPUTF8" in params
+        if not smtputf8 and not path.mailbox.isascii():
+            self._refuse(R.NON_ASCII_ADDRESS)
+            return None
+        self.envelope = Envelope(
+            mail_from=path.mailbox,
+            mail_options=params,
+            body_type=body_type,
+            smtputf8=smtputf8,
+            helo=self.helo,
+            greeting=self.greeting,
+            tls=self.tls_active,
+            auth_user=self.auth_user,
+        )
+        self.phase = Phase.MAIL
+        self._reply(R.SENDER_OK)
+        return None
+
+    def _rcpt(self, arg: str | None) -> Event | None:
+        envelope = self.envelope
+        assert envelope is not None
+        m = RCPT_ARGS.fullmatch(arg or "")
+        if m is None:
+            self._refuse(R.SYNTAX_RCPT)
+            return None
+        try:
+            path = _parse_path(m)
+        except DuplicateParameter:
+            self._refuse(R.DUPLICATE_PARAM)
+            return None
+        if path.params:
+            # No RCPT parameters are advertised (no DSN), so any is unrecognized.
+            self._refuse(R.UNKNOWN_PARAM)
+            return None
+        if len(path.mailbox) > MAX_PATH_OCTETS - 2:
+            self._refuse(R.PATH_TOO_LONG)
+            return None
+        if not envelope.smtputf8 and not path.mailbox.isascii():
+            self._refuse(R.NON_ASCII_RECIPIENT)
+            return None
+        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
+            self._reply(R.TOO_MANY_RECIPIENTS)
+            return None
+        envelope.rcpt_tos.append(path.mailbox)
+        envelope.rcpt_options.append(path.params)
+        self.phase = Phase.RCPT
+        self._reply(R.RECIPIENT_OK)
+        return None
+
+    def _data(self, arg: str | None) -> Event | None:
+        if arg:
+            self._refuse(R.SYNTAX_NO_ARGS)
+            return None
+        self._data_reader = DataReader(self.policy.max_size, self.policy.bare_linefeed)
+        self.mode = Mode.DATA
+        self._reply(R.START_DATA)
+        return None
+
+    def _bdat(self, arg: str | None) -> Event | None:
+        m = _BDAT_ARGS.fullmatch(arg or "")
+        if m is None:
+            # Without a valid size the chunk cannot be skipped: the stream is lost.
+            self._reply(R.SYNTAX_BDAT)
+            self.close(R.too_many_errors(self.policy.hostname))
+            return None
+        size = int(m.group(1))
+        self._bdat_last = m.group(2) is not None
+        max_size = self.policy.max_size
+        keep = not (max_size and self._bdat_size + size > max_size)
+        if keep:
+            self._bdat_size += size
+        else:
+            # Over the limit: the chunk is drained without being kept, then refused.
+            self._bdat_refusal = R.size_exceeded(max_size)
+        self._bdat_reader = BdatReader(size, keep=keep)
+        self.mode = Mode.BDAT
+        return None
+
+    def _bdat_drain(self, arg: str | None, refusal: Reply) -> Event | None:
+        m = _BDAT_ARGS.fullmatch(arg or "")
+        if m is None:
+            self._reply(R.SYNTAX_BDAT)
+            self.close(R.too_many_errors(self.policy.hostname))
+            return None
+        self._bdat_last = m.group(2) is not None
+        self._bdat_refusal = refusal
+        self._bdat_reader = BdatReader(int(m.group(1)), keep=False)
+        self.mode = Mode.BDAT
+        return None
+
+    def _finish_message(self, content: bytes | None, failure: DataFailure | None) -> Event | None:
+        envelope = self.envelope
+        self._reset_transaction()
+        if failure is DataFailure.TOO_BIG:
+            self._reply(R.size_exceeded(self.policy.max_size))
+            return None
+        if failure is DataFailure.BARE_LINEFEED:
+            self._reply(R.BARE_LINEFEED)
+            return None
+        assert envelope is not None and content is not None
+        return self._park(MessageReceived(envelope, content))
+
+    def _rset(self, arg: str | None) -> Event | None:
+        if arg and arg.strip():
+            self._refuse(R.SYNTAX_NO_ARGS)
+            return None
+        self._reset_transaction()
+        self._reply(R.RESET_OK)
+        return None
+
+    def _noop(self, arg: str | None) -> Event | None:
+        self._reply(R.OK)
+        return None
+
+    def _quit(self, arg: str | None) -> Event | None:
+        if arg and arg.strip():
+            self._refuse(R.SYNTAX_NO_ARGS)
+            return None
+        self.close(R.closing(self.policy.hostname))
+        return Closed()
+
+    def _vrfy(self, arg: str | None) -> Event | None:
+        if not arg or not arg.strip():
+            self._refuse(R.SYNTAX_VRFY)
+            return None
+        self._reply(R.CANNOT_VRFY)
+        return None
+
+    def _expn(self, arg: str | None) -> Event | None:
+        if not arg or not arg.strip():
+            self._refuse(R.SYNTAX_EXPN)
+            return None
+        self._reply(R.CANNOT_EXPN)
+        return None
+
+    def _help(self, arg: str | None) -> Event | None:
+        topic = (arg or "").strip().upper()
+        if not topic:
+            self._reply(_HELP_ALL)
+        else:
+            self._reply(_HELP_REPLIES.get(topic, _HELP_UNKNOWN))
+        return None
+
+    def _starttls(self, arg: str | None) -> Event | None:
+        if arg and arg.strip():
+            self._refuse(R.SYNTAX_NO_ARGS)
+            return None
+        if self.tls_active:
+            self._refuse(R.TLS_ALREADY_ACTIVE)
+            return None
+        if not self.policy.tls_available:
+            self._reply(R.TLS_NOT_AVAILABLE)
+            return None
+        self._reply(R.START_TLS)
+        # CVE-2011-0411: nothing sent before the handshake may be read as if it came after.
+        self._buf.clear()
+        return self._park(StartTLS())
+
+    # ---- AUTH (RFC 4954) -----------------------------------------------------------------
+
+    def _auth(self, arg: str | None) -> Event | None:
+        policy = self.policy
+        if not policy.auth_enabled:
+            self._refuse(R.AUTH_NOT_ENABLED)
+            return None
+        if not policy.auth_offered(self.tls_active):
+            self._refuse(R.ENCRYPTION_REQUIRED)
+            return None
+        if self.auth_user is not None:
+            self._refuse(R.ALREADY_AUTHENTICATED)
+            return None
+        parts = (arg or "").split()
+        if not parts or len(parts) > 2:
+            self._refuse(R.SYNTAX_AUTH)
+            return None
+        mechanism = parts[0].upper()
+        if mechanism not in _AUTH_MECHANISMS:
+            self._refuse(R.UNKNOWN_MECHANISM)
+            return None
+        self._auth_mechanism = mechanism
+        self._auth_username = None
+        if len(parts) == 2:
+            return self._auth_response(parts[1], initial=True)
+        self.mode = Mode.AUTH_LINE
+        self._reply(R.AUTH_EMPTY_CHALLENGE if mechanism == "PLAIN" else R.AUTH_LOGIN_USERNAME)
+        return None
+
+    def _auth_response(self, response: str, *, initial: bool = False) -> Event | None:
+        response = response.strip()
+        if response == "*":
+            self._refuse(R.AUTH_CANCELLED)
+            return None
+        if initial and response == "=":
+            # RFC 4954 4: "=" is an initial response of zero length.
+            decoded = b""
+        else:
+            try:
+                decoded = base64.b64decode(response, validate=True)
+            except (binascii.Error, ValueError):
+                self._refuse(R.AUTH_BAD_BASE64)
+                return None
+        try:
+            text = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse(R.AUTH_BAD_RESPONSE)
+            return None
+
+        if self._auth_mechanism == "PLAIN":
+            # RFC 4616: [authzid] NUL authcid NUL passwd
+            fields = text.split("\x00")
+            if len(fields) != 3 or not fields[1]:
+                self._refuse(R.AUTH_BAD_RESPONSE)
+                return None
+            authzid, username, password = fields
+            self._auth_username = username
+            return self._park(AuthAttempt("PLAIN", username, password, authzid))
+
+        if self._auth_username is None:
+            # AUTH LOGIN, first step: the username (an initial response is the username too).
+            if not text:
+                self._refuse(R.AUTH_BAD_RESPONSE)
+                return None
+            self._auth_username = text
+            self.mode = Mode.AUTH_LINE
+            self._reply(R.AUTH_LOGIN_PASSWORD)
+            return None
+        return self._park(AuthAttempt("LOGIN", self._auth_username, text))
+
+
+def _check_mail_param(key: str, value: str | None, max_size: int) -> Reply | None:
+    """The refusal for one MAIL FROM parameter, or None when it is acceptable."""
+    if key == "SIZE":
+        if value is None or not _SIZE_VALUE.fullmatch(value):
+            return R.BAD_PARAM_VALUE
+        if max_size and int(value) > max_size:
+            return R.size_exceeded(max_size)
+        return None
+    if key == "BODY":
+        if value is None:
+            return R.BAD_PARAM_VALUE
+        return None if value.upper() in ("7BIT", "8BITMIME") else R.UNSUPPORTED_BODY
+    if key == "SMTPUTF8":
+        return None if value is None else R.BAD_PARAM_VALUE
+    if key == "AUTH":
+        # RFC 4954 5: the submitter's identity, xtext; recorded, not trusted.
+        return None if value else R.BAD_PARAM_VALUE
+    return R.UNKNOWN_PARAM
+
+
+_Handler = Callable[[ServerConnection, str | None], Event | None]
+
+_HANDLERS: dict[str, _Handler] = {
+    "HELO": ServerConnection._helo,
+    "EHLO": ServerConnection._ehlo,
+    "MAIL": ServerConnection._mail,
+    "RCPT": ServerConnection._rcpt,
+    "DATA": ServerConnection._data,
+    "BDAT": ServerConnection._bdat,
+    "RSET": ServerConnection._rset,
+    "NOOP": ServerConnection._noop,
+    "QUIT": ServerConnection._quit,
+    "VRFY": ServerConnection._vrfy,
+    "EXPN": ServerConnection._expn,
+    "HELP": ServerConnection._help,
+    "STARTTLS": ServerConnection._starttls,
+    "AUTH": ServerConnection._auth,
+}
+
+_READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
+    Mode.COMMAND: ServerConnection._read_command,
+    Mode.DATA: ServerConnection._read_data,
+    Mode.BDAT: ServerConnection._read_bdat,
+    Mode.AUTH_LINE: ServerConnection._read_auth_line,
+    Mode.WAITING: ServerConnection._read_nothing,
+    Mode.CLOSED: ServerConnection._read_nothing,
+}
