@@ -49,7 +49,8 @@ class Reply:
             for i, text in enumerate(self.lines):
                 sep = " " if i == last else "-"
                 # The enhanced code goes on every line (RFC 2034 section 4).
-                parts.append(f"{prefix}{sep}{enh}{text}".rstrip(" ") + "\r\n")
+                # No stripping: RFC 4954 wants "334 " (with the space) for an empty challenge.
+                parts.append(f"{prefix}{sep}{enh}{text}\r\n")
             wire = self._wire = "".join(parts).encode("utf-8")
         return wire
 
