@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 
 USAGE = """\
-usage: mailstorm {sink,load,passwd} [options]
+usage: mailstorm {sink,load,passwd,demo} [options]
 
   sink     run an SMTP sink server (discard, count, or store to Maildir/mbox)
   load     load an SMTP server and report throughput and per-phase latency
   passwd   print an auth-file line with a scrypt hash of a password
+  demo     a sink plus a short load run against it, with a report and a count check
 
 "mailstorm COMMAND --help" explains each command.
 """
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.credentials import main as passwd_main
 
         return passwd_main(rest)
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if command in ("--version", "-V"):
         from importlib.metadata import version
 

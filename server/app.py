@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Sequence
 
@@ -41,6 +42,13 @@ log = logging.getLogger("mailstorm.sink")
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 #: How long the accept loop backs off when out of file descriptors.
 ACCEPT_BACKOFF = 0.1
+#: Connections taken from the backlog per wake-up: many at once under a connect storm, but
+#: bounded so that one listener cannot starve the sessions.
+ACCEPT_BATCH = 128
+#: listen() backlog; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 65535
+#: accept() errors that concern only the connection being accepted.
+ACCEPT_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 #: How long a refused (over-capacity) client gets to read its 421.
 REFUSAL_TIMEOUT = 2.0
 
@@ -148,11 +156,11 @@ class SinkServer:
                         services.start_soon(self._report_stats, self.config.stats_interval)
                     task_status.started(self.addresses + self.tls_addresses)
                 for listener, _ in listeners:
-                    await listener.aclose()
+                    listener.close()
                 await self._drain()
         finally:
             for listener, _ in listeners:
-                await trio.aclose_forcefully(listener)
+                listener.close()
         log.info("stopped: %s", self.stats.interval_line())
 
     def shutdown(self) -> None:
@@ -161,40 +169,46 @@ class SinkServer:
         if self._service_scope is not None:
             self._service_scope.cancel()
 
-    async def _open_listeners(self, addresses: Sequence[Address]) -> list[trio.SocketListener]:
-        listeners: list[trio.SocketListener] = []
-        for address in addresses:
-            try:
-                listeners += await trio.open_tcp_listeners(address.port, host=address.host)
-            except OSError as exc:
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-                reason = exc.strerror or str(exc)
-                if exc.errno == errno.EADDRINUSE:
-                    reason = "address already in use"
-                raise ConfigError(f"cannot listen on {address}: {reason}") from None
+    async def _open_listeners(self, addresses: Sequence[Address]) -> list[socket.socket]:
+        listeners: list[socket.socket] = []
+        try:
+            for address in addresses:
+                listeners += await trio.to_thread.run_sync(_listening_sockets, address)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
         return listeners
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, implicit_tls: bool, sessions: trio.Nursery
+        self, listener: socket.socket, implicit_tls: bool, sessions: trio.Nursery
     ) -> None:
+        """Accept connections in batches: one wake-up takes all that are waiting."""
         max_connections = self.config.max_connections or math.inf
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept: %s; backing off %.1fs", exc.strerror, ACCEPT_BACKOFF)
-                    await trio.sleep(ACCEPT_BACKOFF)
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                        continue
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept: %s; backing off %.1fs", exc.strerror, ACCEPT_BACKOFF)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        break
+                    raise
+                sock.setblocking(False)
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                if len(self._sessions) >= max_connections:
+                    self.stats.sessions_refused += 1
+                    sessions.start_soon(self._refuse, stream)
                     continue
-                raise
-            if len(self._sessions) >= max_connections:
-                self.stats.sessions_refused += 1
-                sessions.start_soon(self._refuse, stream)
-                continue
-            session = Session(stream, self._ctx, tls=implicit_tls)
-            self._sessions.add(session)
-            sessions.start_soon(self._run_session, session)
+                session = Session(stream, self._ctx, tls=implicit_tls)
+                self._sessions.add(session)
+                sessions.start_soon(self._run_session, session)
 
     async def _run_session(self, session: Session) -> None:
         try:
@@ -232,6 +246,40 @@ class SinkServer:
             log.info("%s", self.stats.interval_line())
 
 
-def _bound(listener: trio.SocketListener) -> tuple[str, int]:
-    name = listener.socket.getsockname()
+def _bound(listener: socket.socket) -> tuple[str, int]:
+    name = listener.getsockname()
     return str(name[0]), int(name[1])
+
+
+def _listening_sockets(address: Address) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address ``address.host`` resolves to.
+
+    Raises ``ConfigError`` with one line (for example "address already in use").
+    """
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as trio.open_tcp_listeners does.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {address}: {reason or exc}") from None
+    return sockets

@@ -22,6 +22,7 @@ import trio
 
 from smtpwire import reply_table as R
 from smtpwire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
+from smtpwire.replies import Reply
 from smtpwire.server import ServerConnection, SessionPolicy
 
 from .credentials import CredentialStore
@@ -72,26 +73,34 @@ _queue_ids = _QueueIds()
 
 
 class Session:
-    """One connection, from banner to close."""
+    """One connection, from banner to close.
 
-    def __init__(self, stream: trio.abc.Stream, ctx: SessionContext, *, tls: bool) -> None:
+    Time is one cancel scope per session whose deadline moves forward before each wait for
+    input (cheaper than a scope per operation on the hot path). When it expires the session
+    says 421 (timeout, or shutdown when ``stopping``) and ends.
+    """
+
+    def __init__(self, stream: trio.SocketStream, ctx: SessionContext, *, tls: bool) -> None:
         self.stream: trio.abc.Stream = stream
+        # Plaintext I/O goes straight to the socket: SocketStream's checks cost more than the
+        # recv/send they wrap. After a TLS upgrade this is None and the SSLStream is used.
+        self._sock: trio.socket.SocketType | None = stream.socket
         self.ctx = ctx
         self.implicit_tls = tls
         self.conn = ServerConnection(ctx.policy, tls_active=tls)
-        self.peer_ip, self.peer_port = _peer_of(stream)
+        self.peer_ip, self.peer_port = _peer_of(stream.socket)
         #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
         self.stopping = False
         self._scope = trio.CancelScope()
-        self._receive_scope: trio.CancelScope | None = None
+        self._waiting_for_input = False
 
     # ---- lifecycle hooks called by the server ------------------------------------------
 
     def request_stop(self) -> None:
         """Graceful shutdown: an idle session stops now, a busy one after its transaction."""
         self.stopping = True
-        if self._receive_scope is not None and not self.conn.in_transaction:
-            self._receive_scope.cancel()
+        if self._waiting_for_input and not self.conn.in_transaction:
+            self._scope.cancel()
 
     def force_stop(self) -> None:
         """The grace period is over: stop whatever the session is doing."""
@@ -106,13 +115,17 @@ class Session:
         stats.sessions_active += 1
         try:
             with self._scope:
+                self._scope.deadline = trio.current_time() + self.ctx.command_timeout
                 if self.implicit_tls and not await self._handshake():
                     return
                 await self._loop()
             if self._scope.cancelled_caught:
-                await self._goodbye()
-        except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
-            # The peer vanished, reset, or stopped reading: nothing to report to it.
+                hostname = self.ctx.policy.hostname
+                await self._goodbye(
+                    R.shutting_down(hostname) if self.stopping else R.timed_out(hostname)
+                )
+        except (*_STREAM_ERRORS, trio.BusyResourceError) as exc:
+            # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
         finally:
             stats.sessions_active -= 1
@@ -121,6 +134,7 @@ class Session:
     async def _loop(self) -> None:
         conn = self.conn
         ctx = self.ctx
+        scope = self._scope
         while True:
             event = conn.next_event()
             if event is NeedData:
@@ -129,16 +143,12 @@ class Session:
                     conn.close(R.shutting_down(ctx.policy.hostname))
                     continue
                 timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
-                with trio.move_on_after(timeout) as scope:
-                    self._receive_scope = scope
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                self._receive_scope = None
-                if scope.cancelled_caught:
-                    if self.stopping:
-                        conn.close(R.shutting_down(ctx.policy.hostname))
-                    else:
-                        conn.timed_out()
-                    continue
+                scope.deadline = trio.current_time() + timeout
+                self._waiting_for_input = True
+                try:
+                    data = await self._receive()
+                finally:
+                    self._waiting_for_input = False
                 conn.receive_data(data)
             elif type(event) is MessageReceived:
                 await self._deliver(event)
@@ -153,17 +163,32 @@ class Session:
                 await self._flush()
                 return
 
+    async def _receive(self) -> bytes:
+        sock = self._sock
+        if sock is not None:
+            return await sock.recv(RECEIVE_SIZE)
+        return await self.stream.receive_some(RECEIVE_SIZE)
+
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if data:
-            # A client that stops reading must not pin the session forever.
-            with trio.fail_after(self.ctx.command_timeout):
-                await self.stream.send_all(data)
+        if not data:
+            return
+        sock = self._sock
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        sent = await sock.send(data)
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(data):
+                sent += await sock.send(view[sent:])
 
-    async def _goodbye(self) -> None:
-        """Send the 421 of a forced shutdown, shielded and bounded, if the stream still works."""
-        self.conn.close(R.shutting_down(self.ctx.policy.hostname))
+    async def _goodbye(self, reply: Reply) -> None:
+        """Send a last 421, shielded and bounded, if the stream still works."""
+        self.conn.close(reply)
         data = self.conn.data_to_send()
+        if not data:
+            return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
             scope.shield = True
             try:
@@ -176,10 +201,11 @@ class Session:
         assert ctx.ssl_context is not None
         tls_stream = trio.SSLStream(self.stream, ctx.ssl_context, server_side=True)
         self.stream = tls_stream
+        self._sock = None
+        self._scope.deadline = trio.current_time() + ctx.command_timeout
         try:
-            with trio.fail_after(ctx.command_timeout):
-                await tls_stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            await tls_stream.do_handshake()
+        except trio.BrokenResourceError as exc:
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
             return False
         ctx.stats.tls_sessions += 1
@@ -243,12 +269,11 @@ class Session:
         return None, None
 
 
-def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
-    sock = getattr(stream, "socket", None)
+def _peer_of(sock: trio.socket.SocketType) -> tuple[str, int]:
     try:
-        peer = sock.getpeername() if sock is not None else None
+        peer = sock.getpeername()
     except OSError:
-        peer = None
+        return "unknown", 0
     if isinstance(peer, tuple) and len(peer) >= 2:
         return str(peer[0]), int(peer[1])
     return "unknown", 0
