@@ -33,6 +33,7 @@ from .session import Session, SessionContext
 from .stats import SinkStats
 from .stores import DiscardStore, Store, open_store
 from .tls import server_ssl_context
+from .transport import PlainTransport
 
 __all__ = ["ConfigError", "SinkServer"]
 
@@ -200,13 +201,11 @@ class SinkServer:
                         await trio.sleep(ACCEPT_BACKOFF)
                         break
                     raise
-                sock.setblocking(False)
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
                 if len(self._sessions) >= max_connections:
                     self.stats.sessions_refused += 1
-                    sessions.start_soon(self._refuse, stream)
+                    sessions.start_soon(self._refuse, PlainTransport(sock))
                     continue
-                session = Session(stream, self._ctx, tls=implicit_tls)
+                session = Session(sock, self._ctx, tls=implicit_tls)
                 self._sessions.add(session)
                 sessions.start_soon(self._run_session, session)
 
@@ -218,11 +217,11 @@ class SinkServer:
             if self._stopping and not self._sessions:
                 self._all_closed.set()
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    async def _refuse(self, transport: PlainTransport) -> None:
         with trio.move_on_after(REFUSAL_TIMEOUT):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.send_all(R.too_many_connections(self.policy.hostname).to_bytes())
-        await trio.aclose_forcefully(stream)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await transport.send_all(R.too_many_connections(self.policy.hostname).to_bytes())
+        await transport.aclose()
 
     async def _drain(self) -> None:
         self._stopping = True
@@ -257,8 +256,9 @@ def _listening_sockets(address: Address) -> list[socket.socket]:
     Raises ``ConfigError`` with one line (for example "address already in use").
     """
     try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
     sockets: list[socket.socket] = []

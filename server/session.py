@@ -4,16 +4,18 @@ It owns time (command and data timeouts as cancel scopes), the TLS upgrade, call
 and the credential check, and the session's part in a graceful shutdown. It never parses SMTP:
 every decision about the protocol is the sans-IO core's.
 
-Resource handling: the stream is closed when ``run`` returns, whatever happened. Error handling:
+Resource handling: the connection is closed when ``run`` returns, whatever happened. Error handling:
 a peer that vanishes, resets, or fails the TLS handshake ends the session quietly (counted, not
 raised); a store failure becomes a 451 and the session goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -29,18 +31,22 @@ from .credentials import CredentialStore
 from .stats import SinkStats
 from .stores import Store, StoreError
 from .trace import trace_headers
+from .transport import PlainTransport, TLSTransport, Transport
 
 __all__ = ["Session", "SessionContext"]
 
 log = logging.getLogger("mailstorm.sink")
 
-#: Bytes asked of the socket per receive: a whole pipelined group or a large DATA block.
-RECEIVE_SIZE = 65536
 #: scrypt costs 16 MiB and tens of milliseconds per check: bound how many run at once.
 _SCRYPT_LIMITER = trio.CapacityLimiter(4)
 #: How long a last reply (421 on shutdown) may take to send before the socket is just closed.
 GOODBYE_TIMEOUT = 2.0
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_STREAM_ERRORS = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.BusyResourceError,
+    OSError,
+)
 
 
 @dataclass(slots=True)
@@ -80,15 +86,12 @@ class Session:
     says 421 (timeout, or shutdown when ``stopping``) and ends.
     """
 
-    def __init__(self, stream: trio.SocketStream, ctx: SessionContext, *, tls: bool) -> None:
-        self.stream: trio.abc.Stream = stream
-        # Plaintext I/O goes straight to the socket: SocketStream's checks cost more than the
-        # recv/send they wrap. After a TLS upgrade this is None and the SSLStream is used.
-        self._sock: trio.socket.SocketType | None = stream.socket
+    def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
+        self.transport: Transport = PlainTransport(sock)
         self.ctx = ctx
         self.implicit_tls = tls
         self.conn = ServerConnection(ctx.policy, tls_active=tls)
-        self.peer_ip, self.peer_port = _peer_of(stream.socket)
+        self.peer_ip, self.peer_port = self.transport.peer()
         #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
         self.stopping = False
         self._scope = trio.CancelScope()
@@ -124,12 +127,12 @@ class Session:
                 await self._goodbye(
                     R.shutting_down(hostname) if self.stopping else R.timed_out(hostname)
                 )
-        except (*_STREAM_ERRORS, trio.BusyResourceError) as exc:
+        except _STREAM_ERRORS as exc:
             # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
         finally:
             stats.sessions_active -= 1
-            await trio.aclose_forcefully(self.stream)
+            await self.transport.aclose()
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -146,7 +149,7 @@ class Session:
                 scope.deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
                 try:
-                    data = await self._receive()
+                    data = await self.transport.receive()
                 finally:
                     self._waiting_for_input = False
                 conn.receive_data(data)
@@ -163,48 +166,31 @@ class Session:
                 await self._flush()
                 return
 
-    async def _receive(self) -> bytes:
-        sock = self._sock
-        if sock is not None:
-            return await sock.recv(RECEIVE_SIZE)
-        return await self.stream.receive_some(RECEIVE_SIZE)
-
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if not data:
-            return
-        sock = self._sock
-        if sock is None:
-            await self.stream.send_all(data)
-            return
-        sent = await sock.send(data)
-        if sent < len(data):
-            view = memoryview(data)
-            while sent < len(data):
-                sent += await sock.send(view[sent:])
+        if data:
+            await self.transport.send_all(data)
 
     async def _goodbye(self, reply: Reply) -> None:
-        """Send a last 421, shielded and bounded, if the stream still works."""
+        """Send a last 421, shielded and bounded, if the connection still works."""
         self.conn.close(reply)
         data = self.conn.data_to_send()
         if not data:
             return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
             scope.shield = True
-            try:
-                await self.stream.send_all(data)
-            except (*_STREAM_ERRORS, trio.BusyResourceError):
-                pass
+            with contextlib.suppress(*_STREAM_ERRORS):
+                await self.transport.send_all(data)
 
     async def _handshake(self) -> bool:
         ctx = self.ctx
         assert ctx.ssl_context is not None
-        tls_stream = trio.SSLStream(self.stream, ctx.ssl_context, server_side=True)
-        self.stream = tls_stream
-        self._sock = None
+        transport = self.transport
+        if isinstance(transport, PlainTransport):
+            transport = self.transport = transport.start_tls(ctx.ssl_context)
         self._scope.deadline = trio.current_time() + ctx.command_timeout
         try:
-            await tls_stream.do_handshake()
+            await transport.handshake()
         except trio.BrokenResourceError as exc:
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
             return False
@@ -218,7 +204,10 @@ class Session:
         envelope = event.envelope
         try:
             if ctx.keeps_messages:
-                version, cipher = self._tls_details()
+                transport = self.transport
+                version, cipher = (
+                    transport.details() if isinstance(transport, TLSTransport) else (None, None)
+                )
                 trace = trace_headers(
                     envelope,
                     hostname=ctx.policy.hostname,
@@ -260,20 +249,3 @@ class Session:
                 "AUTH %s failed for user %r from %s", event.mechanism, event.username, self.peer_ip
             )
         self.conn.auth_result(ok)
-
-    def _tls_details(self) -> tuple[str | None, str | None]:
-        stream = self.stream
-        if isinstance(stream, trio.SSLStream):
-            cipher = stream.cipher()
-            return stream.version(), cipher[0] if cipher else None
-        return None, None
-
-
-def _peer_of(sock: trio.socket.SocketType) -> tuple[str, int]:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "unknown", 0
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), int(peer[1])
-    return "unknown", 0
