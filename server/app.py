@@ -102,6 +102,8 @@ class SinkServer:
         self._sessions: set[Session] = set()
         self._service_scope: trio.CancelScope | None = None
         self._stopping = False
+        self._skip_grace = False
+        self._grace_scope: trio.CancelScope | None = None
         self._all_closed = trio.Event()
 
     @classmethod
@@ -164,9 +166,16 @@ class SinkServer:
                 listener.close()
         log.info("stopped: %s", self.stats.interval_line())
 
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown (idempotent; safe before ``serve`` has started)."""
+    def shutdown(self, *, immediately: bool = False) -> None:
+        """Begin a graceful shutdown (idempotent; safe before ``serve`` has started).
+
+        With ``immediately`` the grace period is skipped: every session gets its 421 now.
+        """
         self._stopping = True
+        if immediately:
+            self._skip_grace = True
+            if self._grace_scope is not None:
+                self._grace_scope.cancel()
         if self._service_scope is not None:
             self._service_scope.cancel()
 
@@ -234,7 +243,9 @@ class SinkServer:
         )
         for session in list(self._sessions):
             session.request_stop()
-        with trio.move_on_after(self.config.grace_period):
+        with trio.move_on_after(self.config.grace_period) as self._grace_scope:
+            if self._skip_grace:
+                self._grace_scope.cancel()
             await self._all_closed.wait()
         for session in list(self._sessions):
             session.force_stop()

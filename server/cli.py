@@ -12,6 +12,7 @@ import logging
 import resource
 import signal
 import sys
+from typing import NoReturn
 
 import trio
 
@@ -79,8 +80,15 @@ def _wrap(parse):  # type: ignore[no-untyped-def]
     return parse_arg
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad argument as one line on stderr (no usage dump), with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineErrorParser(
         prog=prog,
         description="A high-concurrency SMTP sink: accepts mail from many clients at once and "
         "discards, counts, or stores it exactly (Maildir or mbox).",
@@ -275,7 +283,7 @@ async def _run(server: SinkServer) -> None:
                     server.shutdown()
                 else:
                     log.info("%s: stopping now", name)
-                    nursery.cancel_scope.cancel()
+                    server.shutdown(immediately=True)
 
 
 async def _serve_then_stop(
@@ -315,9 +323,21 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     raise_fd_limit()
     try:
         trio.run(_run, server)
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
+    except (ConfigError, BaseExceptionGroup) as exc:
+        # A listener that cannot bind raises ConfigError inside _run's nursery, which wraps
+        # it in an exception group.
+        error = _sole_config_error(exc)
+        if error is None:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _sole_config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError that ``exc`` is or only wraps (in exception groups), else None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, ConfigError) else None

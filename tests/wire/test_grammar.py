@@ -83,3 +83,33 @@ def test_pathological_input_is_fast_to_refuse() -> None:
     assert MAIL_ARGS.fullmatch("FROM:<" + "a" * 300 + "@" + "b-" * 200 + "!>") is None
     assert MAIL_ARGS.fullmatch("FROM:<a@" + "b." * 200 + "->") is None
     assert MAIL_ARGS.fullmatch('FROM:<"' + "\\a" * 200) is None
+
+
+def test_character_classes_equal_the_rfc_sets() -> None:
+    """The negated classes admit exactly the RFC 5321/6531 sets (ASCII rules, all non-ASCII)."""
+    import re
+    import string
+
+    from smtpwire import grammar
+
+    alnum = set(string.ascii_letters + string.digits)
+    expected_sets = {
+        grammar._ATEXT: alnum | set("!#$%&'*+-/=?^_`{|}~"),
+        grammar._LET_DIG: alnum,
+        grammar._LDH: alnum | {"-"},
+        # qtextSMTP: %d32-33 / %d35-91 / %d93-126
+        grammar._QUOTED_STRING: {chr(c) for c in [32, 33, *range(35, 92), *range(93, 127)]},
+    }
+    for pattern, ascii_set in expected_sets.items():
+        if pattern == grammar._QUOTED_STRING:
+            def matches(ch: str) -> bool:
+                return re.fullmatch(grammar._QUOTED_STRING, f'"{ch}"') is not None
+        else:
+            compiled = re.compile(pattern)
+
+            def matches(ch: str, compiled: re.Pattern[str] = compiled) -> bool:
+                return compiled.fullmatch(ch) is not None
+
+        for cp in [*range(0x800), 0xFFFD, 0x10000, 0x10FFFF]:
+            ch = chr(cp)
+            assert matches(ch) == (ch in ascii_set or cp >= 0x80), (pattern, hex(cp))
