@@ -1,0 +1,226 @@
+"""The scenarios and the two load drivers: Postfix ``smtp-source`` and ``mailstorm load``.
+
+Scenarios (message counts are multiplied by ``--scale``; ``--smoke`` uses tiny counts):
+
+- ``pers100``: 100 sessions, many 1 KiB messages per connection (``smtp-source -d``)
+- ``conn100``: 100 sessions, one 1 KiB message per connection (no ``-d``)
+- ``big10``: 10 sessions, many 100 KiB messages per connection
+
+In smtp-source ``-d`` means "don't disconnect after each message". ``mailstorm load`` gets the
+same shapes through ``--per-connection 0`` (persistent) or ``1``.
+
+Each driver run reports what the driver saw acknowledged, its elapsed time, and the driver's
+own CPU seconds (from ``getrusage(RUSAGE_CHILDREN)`` around the run: servers are reaped only
+after the driver, so the difference is the driver's alone).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .servers import bounded
+
+__all__ = [
+    "DRIVER_NAMES",
+    "LOADGEN_UNAVAILABLE",
+    "SCENARIO_NAMES",
+    "DriverResult",
+    "LoadgenStatus",
+    "Scenario",
+    "loadgen_status",
+    "make_scenarios",
+    "run_mailstorm_load",
+    "run_smtp_source",
+    "smtp_source_path",
+]
+
+HOST = "127.0.0.1"
+DRIVER_NAMES = ("smtp-source", "mailstorm load")
+SCENARIO_NAMES = ("pers100", "conn100", "big10")
+#: The flags the bench passes to ``python -m loadgen``; each must be in its --help.
+#: How every reason starts when ``mailstorm load`` cannot be used.
+LOADGEN_UNAVAILABLE = "mailstorm load unavailable"
+#: The exit status of coreutils ``timeout`` when the command ran out of time.
+TIMED_OUT = 124
+LOADGEN_FLAGS = ("--sessions", "--messages", "--per-connection", "--size", "--json")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape: sessions in parallel, messages in total, message size, reuse."""
+
+    name: str
+    sessions: int
+    messages: int
+    size: int
+    persistent: bool
+
+    def smtp_source_args(self) -> list[str]:
+        """The smtp-source flags for this shape (without -c, -M and the target)."""
+        reuse = ["-d"] if self.persistent else []
+        return [*reuse, "-s", str(self.sessions), "-m", str(self.messages), "-l", str(self.size)]
+
+    def describe(self) -> str:
+        """A one-line description for the report."""
+        per = "many messages per connection" if self.persistent else "one message per connection"
+        return (
+            f"{self.sessions} sessions, {self.messages} messages of {self.size} bytes, {per} "
+            f"(smtp-source {' '.join(self.smtp_source_args())})"
+        )
+
+
+#: name: (sessions, messages at --scale 1, messages in --smoke, size, persistent)
+_SHAPES = {
+    "pers100": (100, 10_000, 300, 1024, True),
+    "conn100": (100, 5_000, 200, 1024, False),
+    "big10": (10, 2_000, 50, 102_400, True),
+}
+
+
+def make_scenarios(names: tuple[str, ...], scale: float, smoke: bool) -> list[Scenario]:
+    """The named scenarios with their message counts scaled (at least one per session)."""
+    scenarios = []
+    for name in names:
+        sessions, messages, smoke_messages, size, persistent = _SHAPES[name]
+        count = smoke_messages if smoke else round(messages * scale)
+        scenarios.append(Scenario(name, sessions, max(count, sessions), size, persistent))
+    return scenarios
+
+
+@dataclass
+class DriverResult:
+    """What one driver run saw."""
+
+    driver: str
+    requested: int
+    delivered: int | None
+    elapsed_s: float | None
+    driver_cpu_s: float
+    error: str | None = None
+    command: list[str] = field(default_factory=list)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a driver under ``timeout`` (exit status 124 when it ran out of time)."""
+    return subprocess.run(
+        bounded(command, timeout), capture_output=True, text=True, check=False,
+        timeout=timeout + 30, cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def smtp_source_path() -> str | None:
+    """Where Postfix smtp-source is, or None."""
+    found = shutil.which("smtp-source")
+    if found:
+        return found
+    return "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None
+
+
+def run_smtp_source(scenario: Scenario, port: int, timeout: float) -> DriverResult:
+    """Drive 127.0.0.1:``port`` with smtp-source; -c gives the count of completed messages."""
+    command = [
+        smtp_source_path() or "smtp-source", "-c", "-M", "bench.test",
+        *scenario.smtp_source_args(), f"{HOST}:{port}",
+    ]
+    cpu_before, start = _children_cpu(), time.perf_counter()
+    done = _run_bounded(command, timeout)
+    elapsed = time.perf_counter() - start
+    counters = re.findall(r"\d+", done.stdout)
+    delivered = int(counters[-1]) if counters else 0
+    error = None
+    if done.returncode == TIMED_OUT:
+        error = f"smtp-source timed out after {timeout:g}s"
+    elif done.returncode != 0:
+        error = f"smtp-source exited {done.returncode}: {_last_line(done.stderr)}"
+    return DriverResult("smtp-source", scenario.messages, delivered, elapsed,
+                        _children_cpu() - cpu_before, error, command)
+
+
+@dataclass
+class LoadgenStatus:
+    """Whether ``python -m loadgen`` can be used as a driver, and extra flags it takes."""
+
+    available: bool
+    reason: str | None = None
+    extra_flags: list[str] = field(default_factory=list)
+
+
+def loadgen_status() -> LoadgenStatus:
+    """Check ``python -m loadgen --help`` and that it has every flag the bench passes."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "loadgen", "--help"], capture_output=True,
+                              text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return LoadgenStatus(False, f"{LOADGEN_UNAVAILABLE}: python -m loadgen --help: {exc}")
+    if done.returncode != 0:
+        why = f"--help exited {done.returncode}: {_last_line(done.stderr or done.stdout)}"
+        return LoadgenStatus(False, f"{LOADGEN_UNAVAILABLE}: python -m loadgen {why}")
+    missing = [flag for flag in LOADGEN_FLAGS if flag not in done.stdout]
+    if missing:
+        return LoadgenStatus(
+            False, f"{LOADGEN_UNAVAILABLE}: python -m loadgen has no {', '.join(missing)} option"
+        )
+    # No live progress display when the CLI offers a way to turn it off.
+    extra = ["--quiet"] if "--quiet" in done.stdout else []
+    return LoadgenStatus(True, extra_flags=extra)
+
+
+def _loadgen_totals(json_path: Path) -> dict[str, object] | None:
+    try:
+        totals = json.loads(json_path.read_text()).get("totals")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return totals if isinstance(totals, dict) else None
+
+
+def run_mailstorm_load(
+    scenario: Scenario, port: int, json_path: Path, timeout: float, extra_flags: list[str]
+) -> DriverResult:
+    """Drive 127.0.0.1:``port`` with ``python -m loadgen``; counts come from its JSON report."""
+    command = [
+        sys.executable, "-m", "loadgen", f"{HOST}:{port}",
+        "--sessions", str(scenario.sessions), "--messages", str(scenario.messages),
+        "--per-connection", "0" if scenario.persistent else "1",
+        "--size", str(scenario.size), "--json", str(json_path), *extra_flags,
+    ]
+    cpu_before = _children_cpu()
+    done = _run_bounded(command, timeout)
+    cpu = _children_cpu() - cpu_before
+    totals = _loadgen_totals(json_path)
+    if done.returncode == TIMED_OUT:
+        return DriverResult("mailstorm load", scenario.messages, None, None, cpu,
+                            f"mailstorm load timed out after {timeout:g}s", command)
+    if done.returncode == 2 or totals is None:
+        why = _last_line(done.stderr or done.stdout) or f"exit status {done.returncode}"
+        return DriverResult("mailstorm load", scenario.messages, None, None, cpu,
+                            f"{LOADGEN_UNAVAILABLE}: {why}", command)
+    delivered = totals.get("delivered")
+    elapsed = totals.get("elapsed_s")
+    error = None if done.returncode == 0 else f"mailstorm load exited {done.returncode}"
+    return DriverResult(
+        "mailstorm load",
+        scenario.messages,
+        delivered if isinstance(delivered, int) else None,
+        float(elapsed) if isinstance(elapsed, int | float) and elapsed > 0 else None,
+        cpu,
+        error,
+        command,
+    )

@@ -1,0 +1,478 @@
+"""``mailstorm load`` / ``python -m loadgen``: options, validation, the run, and its outputs.
+
+This module owns the command line: parsing and validating options into a ``LoadConfig`` (with
+one-line errors and exit status 2), raising the open-files limit, choosing the single-process
+or ``--procs`` runner, the live display, the final table, the JSON and HTML reports, and the
+``--fail-if`` exit status. It never speaks SMTP itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TYPE_CHECKING, NoReturn
+
+from rich.console import Console
+
+from loadgen.config import ConfigError, LoadConfig, parse_target
+from loadgen.failif import FailIfError, FailIfExpression
+from loadgen.limits import ephemeral_port_warning, raise_open_files_limit
+from loadgen.stats import RunStats
+from loadgen.workload import AddressTemplate, WorkloadError, parse_size, parse_size_mix
+
+if TYPE_CHECKING:
+    from loadgen.live import ProgressDisplay
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+Load an SMTP or LMTP server with many concurrent sessions and report throughput and
+per-phase latency (connect, banner, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, end of data, QUIT,
+whole message) as p50/p90/p99/p99.9/max from HdrHistograms.
+
+Closed loop (default): each session sends its next message as soon as the previous one is
+answered. Open loop (--rate): messages start on a fixed schedule whatever the server does, and
+latency counts from each message's scheduled start, so a stalled server shows in the
+percentiles (coordinated-omission safe). The run ends at --messages or --duration, whichever
+comes first (10 seconds if neither is given). A message counts as delivered only after the 2xx
+to its end of data.
+
+TARGET is HOST:PORT, smtp://HOST:PORT, smtps://HOST:PORT (TLS from the first byte),
+lmtp://HOST:PORT, or [IPv6]:PORT."""
+
+EPILOG = """\
+examples:
+  %(prog)s 127.0.0.1:2525 --sessions 100 --messages 10000
+  %(prog)s 127.0.0.1:2525 --rate 500 --duration 60 --ramp-up 10 --json run.json --html run.html
+  %(prog)s smtp://[::1]:25 --size 1k:70,10k:25,1m:5 --rcpts 3 --pipelining on
+  %(prog)s 127.0.0.1:587 --starttls --auth alice:secret --auth-mech LOGIN --per-connection 1
+  %(prog)s smtps://mx.test:465 --ca-file ca.pem --eml ./corpus/ --from 'bench{n}@a.test'
+  %(prog)s 127.0.0.1:2525 --sessions 10000 --procs 4 --source-address 127.0.0.2 \\
+      --source-address 127.0.0.3 --fail-if 'p99(eod)>50ms or error_rate>0.1%%'
+
+TLS: by default the server certificate is NOT verified (load tests usually target test
+servers); use --tls-verify (system CAs) or --ca-file to verify.
+
+--fail-if metrics: pN(phase) (p50, p99, p99.9 ...), max(phase), mean(phase) compared with
+durations (800us, 50ms, 2s); error_rate (0.001 or 0.1%%); errors, errors(KIND or CODE),
+failed, delivered, attempted, msg_rate, mb_rate; combined with and, or, not, parentheses.
+
+exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 130 interrupted."""
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number of seconds")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number per second") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 messages per second")
+    return value
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = _OneLineErrorParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="TARGET", help="server to load (see above)")
+    g = p.add_argument_group("load shape")
+    g.add_argument(
+        "--sessions",
+        "-c",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="concurrent sessions (default: 100)",
+    )
+    g.add_argument(
+        "--messages", "-m", type=_positive_int, metavar="M", help="stop after M messages in total"
+    )
+    g.add_argument(
+        "--duration",
+        "-d",
+        type=_positive_seconds,
+        metavar="S",
+        help="stop starting messages after S seconds (default: 10 without --messages)",
+    )
+    g.add_argument(
+        "--per-connection",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="QUIT and reconnect after K messages (1 tests connection rate; "
+        "default 0: one connection per session for the whole run)",
+    )
+    g.add_argument(
+        "--rate",
+        "-r",
+        type=_rate,
+        metavar="R",
+        help="open loop: start R messages per second on a fixed schedule",
+    )
+    g.add_argument(
+        "--ramp-up",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="ramp the rate up linearly over S seconds (closed loop: stagger the "
+        "session starts over S seconds)",
+    )
+    g.add_argument(
+        "--procs",
+        "-P",
+        type=_positive_int,
+        default=1,
+        metavar="P",
+        help="split the load over P worker processes; results merge exactly",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for each reply (and to connect) (default: 30)",
+    )
+    g = p.add_argument_group("messages")
+    g.add_argument(
+        "--size",
+        "-s",
+        default="1k",
+        metavar="SIZE|MIX",
+        help="message size in bytes (512, 10k, 1m) or a weighted mix such as "
+        "1k:70,10k:25,1m:5 (default: 1k)",
+    )
+    g.add_argument(
+        "--eml",
+        metavar="FILE|DIR",
+        help="replay this message file, or every file in this folder, instead",
+    )
+    g.add_argument(
+        "--rcpts",
+        type=_positive_int,
+        default=1,
+        metavar="R",
+        help="recipients per message (default: 1)",
+    )
+    g.add_argument(
+        "--from",
+        dest="mail_from",
+        default="loadgen@mailstorm.test",
+        metavar="TEMPLATE",
+        help="envelope sender; {n} is the message number (default: %(default)s)",
+    )
+    g.add_argument(
+        "--to",
+        dest="rcpt_to",
+        default="user{r}@mailstorm.test",
+        metavar="TEMPLATE",
+        help="recipients; {n} message number, {r} recipient number (default: %(default)s)",
+    )
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--pipelining",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="RFC 2920 pipelining: auto uses it when the server offers it",
+    )
+    g.add_argument(
+        "--chunking",
+        action="store_true",
+        help="send content with BDAT (RFC 3030); the server must offer CHUNKING",
+    )
+    g.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="with --chunking, split content into BDAT chunks of at most SIZE",
+    )
+    g.add_argument("--starttls", action="store_true", help="upgrade with STARTTLS after EHLO")
+    g.add_argument("--auth", metavar="USER:PASS", help="authenticate with these credentials")
+    g.add_argument(
+        "--auth-mech",
+        choices=("PLAIN", "LOGIN"),
+        default="PLAIN",
+        type=str.upper,
+        help="SASL mechanism (default: PLAIN)",
+    )
+    g.add_argument(
+        "--ehlo",
+        default="mailstorm.test",
+        metavar="NAME",
+        help="EHLO/LHLO name (default: %(default)s)",
+    )
+    g.add_argument("--lmtp", action="store_true", help="speak LMTP (LHLO, a reply per recipient)")
+    g = p.add_argument_group("network and TLS")
+    g.add_argument(
+        "--source-address",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="local address to connect from; repeat to spread connections "
+        "round-robin (avoids running out of ephemeral ports)",
+    )
+    g.add_argument(
+        "--insecure", action="store_true", help="do not verify the server certificate (the default)"
+    )
+    g.add_argument(
+        "--tls-verify",
+        action="store_true",
+        help="verify the server certificate against the system CAs",
+    )
+    g.add_argument("--ca-file", metavar="FILE", help="verify against the CAs in this PEM file")
+    g.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name for SNI and verification (default: the target host)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--json", dest="json_path", metavar="FILE", help="write the full JSON report")
+    g.add_argument(
+        "--html",
+        dest="html_path",
+        metavar="FILE",
+        help="write a self-contained HTML report with plots",
+    )
+    g.add_argument(
+        "--fail-if",
+        metavar="EXPR",
+        help="exit with status 1 if EXPR is true, e.g. 'p99(eod)>50ms or error_rate>0.1%%'",
+    )
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    g.add_argument(
+        "--progress-interval",
+        type=_positive_seconds,
+        metavar="S",
+        help="seconds between progress updates (default: 1 on a terminal, 5 otherwise)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    """Validate the parsed options; raises ConfigError, WorkloadError or FailIfError."""
+    target = parse_target(args.target)
+    size_mix = parse_size_mix(args.size)
+    if args.eml and args.size != "1k":
+        raise ConfigError("--eml and --size exclude each other")
+    AddressTemplate(args.mail_from)
+    AddressTemplate(args.rcpt_to)
+    auth_user, auth_password = None, ""
+    if args.auth is not None:
+        auth_user, sep, auth_password = args.auth.partition(":")
+        if not sep or not auth_user:
+            raise ConfigError(f"bad --auth {args.auth!r}: expected USER:PASS")
+    if not args.ehlo or any(c.isspace() for c in args.ehlo):
+        raise ConfigError(f"bad --ehlo {args.ehlo!r}: one word, such as a host name")
+    if args.chunk_size and not args.chunking:
+        raise ConfigError("--chunk-size needs --chunking")
+    if args.insecure and (args.tls_verify or args.ca_file):
+        raise ConfigError("--insecure contradicts --tls-verify / --ca-file")
+    if args.starttls and target.implicit_tls:
+        raise ConfigError("--starttls makes no sense with smtps:// (TLS from the start)")
+    if args.procs > args.sessions:
+        raise ConfigError(f"--procs {args.procs} is more than --sessions {args.sessions}")
+    if args.fail_if is not None:
+        FailIfExpression(args.fail_if)
+    for address in args.source_address:
+        _check_ip(address)
+    duration = args.duration
+    if duration is None and args.messages is None:
+        duration = 10.0
+    return LoadConfig(
+        target=target,
+        sessions=args.sessions,
+        messages=args.messages,
+        duration=duration,
+        per_connection=args.per_connection,
+        rcpts=args.rcpts,
+        size_mix=size_mix,
+        size_text=args.size,
+        eml=args.eml,
+        mail_from=args.mail_from,
+        rcpt_to=args.rcpt_to,
+        pipelining=args.pipelining,
+        chunking=args.chunking,
+        chunk_size=args.chunk_size,
+        starttls=args.starttls,
+        auth_user=auth_user,
+        auth_password=auth_password,
+        auth_mech=args.auth_mech,
+        ehlo=args.ehlo,
+        lmtp=args.lmtp,
+        rate=args.rate,
+        ramp_up=args.ramp_up,
+        procs=args.procs,
+        timeout=args.timeout,
+        json_path=args.json_path,
+        html_path=args.html_path,
+        fail_if=args.fail_if,
+        source_addresses=list(args.source_address),
+        tls_verify=args.tls_verify,
+        ca_file=args.ca_file,
+        tls_server_name=args.tls_server_name,
+        quiet=args.quiet,
+        progress_interval=min(args.progress_interval or 1.0, 1.0),
+    )
+
+
+def _check_ip(address: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(f"bad --source-address {address!r}: not an IP address") from None
+
+
+def _run_single(config: LoadConfig, stats: RunStats, display: ProgressDisplay | None) -> None:
+    import trio
+
+    from loadgen.live import ProgressSnapshot
+    from loadgen.runner import build_factory, run_load
+
+    factory = build_factory(config)
+
+    def on_progress(run_stats: RunStats, now: float) -> None:
+        assert display is not None
+        display.update(ProgressSnapshot.take(run_stats, now))
+
+    trio.run(
+        lambda: run_load(
+            config, stats, factory=factory, on_progress=on_progress if display else None
+        )
+    )
+
+
+def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return int(exc.code or 0)
+    err = Console(stderr=True, highlight=False)
+    try:
+        config = config_from_args(args)
+        if config.eml:
+            from loadgen.runner import build_factory
+
+            build_factory(config)  # reads the files now: a bad --eml is a usage error
+    except (ConfigError, WorkloadError, FailIfError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    per_process = -(-config.sessions // config.procs)
+    problem = raise_open_files_limit(per_process)
+    if problem is not None:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    warning = ephemeral_port_warning(config.sessions, len(config.source_addresses))
+    if warning:
+        err.print(f"warning: {warning}", markup=False)
+
+    display = None
+    if not config.quiet:
+        from loadgen.live import PLAIN_EVERY, ProgressDisplay
+
+        display = ProgressDisplay(
+            err,
+            live=err.is_terminal,
+            target=str(config.target),
+            target_rate=config.rate,
+            plain_every=args.progress_interval or PLAIN_EVERY,
+        )
+    started_at = time.time()
+    stats = RunStats()
+    status = 0
+    if display is not None:
+        display.start()
+    try:
+        if config.procs > 1:
+            from loadgen.procs import run_procs
+
+            run_procs(config, stats, display=display)
+        else:
+            _run_single(config, stats, display)
+    except KeyboardInterrupt:
+        status = 130
+        err.print("interrupted: reporting what was measured so far")
+    except ConfigError as exc:
+        if display is not None:
+            display.stop()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if display is not None:
+            display.stop()
+    return _report(config, stats, started_at, status)
+
+
+def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:
+    from loadgen.report import build_report, render_table, write_json
+
+    fail_if_result = None
+    failed_gate = False
+    if config.fail_if:
+        failed_gate, explanation = FailIfExpression(config.fail_if).evaluate(stats)
+        fail_if_result = {
+            "expression": config.fail_if,
+            "failed": failed_gate,
+            "explanation": explanation,
+        }
+    report = build_report(config, stats, fail_if=fail_if_result, started_at=started_at)
+    render_table(report, Console(highlight=False))
+    if config.json_path:
+        write_json(report, config.json_path)
+    if config.html_path:
+        from loadgen.htmlreport import write_html
+
+        write_html(report, config.html_path)
+    if status:
+        return status
+    return 1 if failed_gate else 0

@@ -1,0 +1,151 @@
+"""The load run's configuration: the target address and every option, validated.
+
+This module owns parsing a TARGET (``host:port``, ``smtp://``, ``smtps://``, ``lmtp://``,
+``[::1]:port``) and the ``LoadConfig`` value that the CLI builds and every other module reads
+(it is pickled to worker processes, so it holds only plain data). It never opens sockets and
+never reads files other than through the workload it describes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from smtpwire.client import ClientConfig
+
+__all__ = ["ConfigError", "LoadConfig", "Target", "parse_target"]
+
+
+class ConfigError(ValueError):
+    """A bad option value; the text is a one-line message for the user."""
+
+
+_SCHEMES = {"smtp": (25, False, False), "smtps": (465, True, False), "lmtp": (24, False, True)}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    #: smtps://: TLS from the first byte (RFC 8314).
+    implicit_tls: bool = False
+    #: lmtp://: speak LMTP.
+    lmtp: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "smtps" if self.implicit_tls else "lmtp" if self.lmtp else "smtp"
+        return f"{scheme}://{host}:{self.port}"
+
+
+def parse_target(text: str) -> Target:
+    """``HOST:PORT``, ``smtp://HOST:PORT``, ``smtps://HOST:PORT``, ``lmtp://HOST:PORT``;
+    IPv6 literals in brackets. Without a port: 25, 465 or 24 by scheme."""
+    original = text
+    scheme = "smtp"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in _SCHEMES:
+            raise ConfigError(
+                f"bad target {original!r}: unknown scheme {scheme!r} (use smtp, smtps or lmtp)"
+            )
+        text = text.rstrip("/")
+    default_port, implicit_tls, lmtp = _SCHEMES[scheme]
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"bad target {original!r}: missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"bad target {original!r}: {host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"bad target {original!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        raise ConfigError(f"bad target {original!r}: put an IPv6 address in brackets, [::1]:25")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host or any(c in host for c in "/@ \t"):
+        raise ConfigError(f"bad target {original!r}: expected HOST:PORT")
+    if port_text == "":
+        if ":" in text and not text.startswith("["):
+            raise ConfigError(f"bad target {original!r}: empty port")
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"bad target {original!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    return Target(host, port, implicit_tls, lmtp)
+
+
+@dataclass(slots=True)
+class LoadConfig:
+    """Every option of a run. Defaults are those of the CLI."""
+
+    target: Target
+    sessions: int = 100
+    messages: int | None = None
+    duration: float | None = None
+    #: Messages per connection before QUIT; 0 keeps the connection for the whole run.
+    per_connection: int = 0
+    rcpts: int = 1
+    size_mix: list[tuple[int, float]] = field(default_factory=lambda: [(1024, 1.0)])
+    size_text: str = "1k"
+    eml: str | None = None
+    mail_from: str = "loadgen@mailstorm.test"
+    rcpt_to: str = "user{r}@mailstorm.test"
+    pipelining: str = "auto"
+    chunking: bool = False
+    chunk_size: int = 0
+    starttls: bool = False
+    auth_user: str | None = None
+    auth_password: str = ""
+    auth_mech: str = "PLAIN"
+    ehlo: str = "mailstorm.test"
+    lmtp: bool = False
+    rate: float | None = None
+    ramp_up: float = 0.0
+    procs: int = 1
+    timeout: float = 30.0
+    json_path: str | None = None
+    html_path: str | None = None
+    fail_if: str | None = None
+    source_addresses: list[str] = field(default_factory=list)
+    tls_verify: bool = False
+    ca_file: str | None = None
+    tls_server_name: str | None = None
+    quiet: bool = False
+    progress_interval: float = 1.0
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            ehlo_name=self.ehlo,
+            lmtp=self.lmtp or self.target.lmtp,
+            starttls=self.starttls,
+            auth_user=self.auth_user,
+            auth_password=self.auth_password,
+            auth_mech=self.auth_mech,
+            pipelining=self.pipelining,
+            chunking=self.chunking,
+            chunk_size=self.chunk_size,
+        )
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+    def sessions_for(self, worker: int, workers: int) -> int:
+        """This worker's share of the sessions (the first ones take the remainder)."""
+        return self.sessions // workers + (1 if worker < self.sessions % workers else 0)
+
+    def to_report(self) -> dict[str, Any]:
+        """The configuration as the JSON report shows it (the password is not shown)."""
+        data = asdict(self)
+        data["target"] = str(self.target)
+        data["auth_password"] = "***" if self.auth_password else ""
+        data["size_mix"] = [{"bytes": s, "weight": w} for s, w in self.size_mix]
+        data["mode"] = "open-loop" if self.open_loop else "closed-loop"
+        return data

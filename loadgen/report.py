@@ -1,0 +1,208 @@
+"""The run's report: the complete JSON document, and the final table on the terminal.
+
+This module owns what a report contains and how the table looks. The JSON holds the
+configuration, totals, per-phase percentiles, the per-second timeline, errors, and every
+histogram in HdrHistogram's encoded form (so reports can be merged exactly later). It never
+measures anything and never talks to the network. The HTML report is built from the same
+document by ``htmlreport``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.table import Table
+
+from loadgen.config import LoadConfig
+from loadgen.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean, value_at_percentiles
+
+__all__ = [
+    "PERCENTILES",
+    "build_report",
+    "percentile_curve",
+    "phase_summary",
+    "render_table",
+    "write_json",
+]
+
+#: The percentiles every phase reports, and their JSON key suffixes.
+PERCENTILES = ((50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99_9"))
+#: Points of the latency-by-percentile curves in the HTML report.
+CURVE_PERCENTILES = (
+    0.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    90.0,
+    95.0,
+    97.5,
+    99.0,
+    99.5,
+    99.9,
+    99.95,
+    99.99,
+    99.999,
+    100.0,
+)
+#: MB in reports is 10**6 bytes, as network throughput usually is.
+MB = 1_000_000
+
+REPORT_VERSION = 1
+
+
+def _ms(us: float) -> float:
+    return round(us / 1000.0, 3)
+
+
+def phase_summary(hist: HdrHistogram) -> dict[str, float | int]:
+    """Count, min, mean, percentiles and max of one phase, in milliseconds."""
+    summary: dict[str, float | int] = {
+        "count": hist.get_total_count(),
+        "min_ms": _ms(hist.get_min_value()),
+        "mean_ms": _ms(histogram_mean(hist)),
+    }
+    values = value_at_percentiles(hist, [p for p, _ in PERCENTILES])
+    for (_, key), value in zip(PERCENTILES, values, strict=True):
+        summary[f"{key}_ms"] = _ms(value)
+    summary["max_ms"] = _ms(hist.get_max_value())
+    return summary
+
+
+def percentile_curve(hist: HdrHistogram) -> list[list[float]]:
+    """``[[percentile, ms], ...]`` for the latency-by-percentile plot."""
+    values = value_at_percentiles(hist, CURVE_PERCENTILES)
+    return [[p, _ms(v)] for p, v in zip(CURVE_PERCENTILES, values, strict=True)]
+
+
+def build_report(
+    config: LoadConfig,
+    stats: RunStats,
+    *,
+    fail_if: dict[str, Any] | None = None,
+    started_at: float | None = None,
+) -> dict[str, Any]:
+    """The complete report document (what ``--json`` writes)."""
+    phases = {}
+    curves = {}
+    for phase in PHASES:
+        hist = stats.phases.by_phase[phase]
+        if hist.get_total_count():
+            phases[phase] = phase_summary(hist)
+            curves[phase] = percentile_curve(hist)
+    timeline = stats.timeline
+    totals: dict[str, Any] = {
+        "attempted": stats.attempted,
+        "delivered": stats.delivered,
+        "failed": stats.failed,
+        "errors": stats.errors,
+        "error_rate": round(stats.error_rate, 6),
+        "bytes": stats.bytes_delivered,
+        "connections": stats.connections,
+        "elapsed_s": round(stats.elapsed, 3),
+        "wall_s": round(stats.wall, 3),
+        "msg_rate": round(stats.msg_rate, 2),
+        "mb_rate": round(stats.byte_rate / MB, 3),
+    }
+    if config.rate is not None:
+        totals["target_rate"] = config.rate
+    return {
+        "report_version": REPORT_VERSION,
+        "tool": "mailstorm load",
+        "started_at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at if started_at else time.time())
+        ),
+        "config": config.to_report(),
+        "totals": totals,
+        "phases": phases,
+        "percentile_curves": curves,
+        "timeline": [
+            {"second": i, "delivered": d, "bytes": b, "failed": f}
+            for i, (d, b, f) in enumerate(
+                zip(timeline.delivered, timeline.bytes, timeline.failed, strict=True)
+            )
+        ],
+        "errors": {
+            "by_kind": {k: stats.errors_by_kind[k] for k in ERROR_KINDS if stats.errors_by_kind[k]},
+            "by_code": {str(c): n for c, n in sorted(stats.errors_by_code.items())},
+            "samples": [
+                {"error": text, "count": n} for text, n in stats.error_samples.most_common()
+            ],
+        },
+        "fail_if": fail_if,
+        "histograms": stats.phases.encode(),
+    }
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _fmt_ms(value: float) -> str:
+    if value >= 1000:
+        return f"{value / 1000:.2f}s"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def render_table(report: dict[str, Any], console: Console) -> None:
+    """The final summary: totals, a per-phase latency table, and errors."""
+    totals = report["totals"]
+    config = report["config"]
+    mode = config["mode"]
+    if mode == "open-loop":
+        mode += f" at {config['rate']:g} msg/s"
+    console.print(
+        f"[bold]mailstorm load[/] {config['target']}  {mode}, {config['sessions']} sessions",
+        soft_wrap=True,
+    )
+    rate_line = f"{totals['msg_rate']:.1f} msg/s, {totals['mb_rate']:.2f} MB/s"
+    if "target_rate" in totals:
+        rate_line += f" (target {totals['target_rate']:g} msg/s)"
+    console.print(
+        f"delivered [bold green]{totals['delivered']}[/] of {totals['attempted']} in "
+        f"{totals['elapsed_s']:.2f}s: {rate_line}; failed {totals['failed']} "
+        f"({totals['error_rate'] * 100:.2f}%), errors {totals['errors']}, "
+        f"connections {totals['connections']}",
+        soft_wrap=True,
+    )
+    table = Table(title="latency (ms)", title_justify="left")
+    table.add_column("phase")
+    for name in ("count", "p50", "p90", "p99", "p99.9", "max"):
+        table.add_column(name, justify="right")
+    for phase, s in report["phases"].items():
+        table.add_row(
+            phase if phase != "message" else "[bold]message[/]",
+            str(s["count"]),
+            *(_fmt_ms(s[k]) for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms")),
+        )
+    console.print(table)
+    errors = report["errors"]
+    if errors["by_kind"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in errors["by_kind"].items())
+        codes = ", ".join(f"{c}: {n}" for c, n in errors["by_code"].items())
+        console.print(
+            f"[bold red]errors[/] by kind: {kinds}" + (f"; by code: {codes}" if codes else ""),
+            soft_wrap=True,
+        )
+        for sample in errors["samples"][:5]:
+            console.print(
+                f"  {sample['count']:>6} x {sample['error']}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+    fail_if = report.get("fail_if")
+    if fail_if:
+        verdict = "[bold red]FAILED[/]" if fail_if["failed"] else "[green]passed[/]"
+        console.print(f"--fail-if {fail_if['expression']!r}: {verdict}")
+        for line in fail_if["explanation"]:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,318 @@
+"""One load session: a trio task that drives SMTP connections for the messages it is handed.
+
+This module owns the trio shell around ``smtpwire.client.ClientConnection``: connecting (with a
+round-robin source address), implicit TLS and STARTTLS handshakes, the per-reply timeout,
+reconnecting after ``--per-connection`` messages or a failure, and recording what happened into
+``RunStats``. It never decides when a message starts (``schedule``) and never formats reports.
+
+Every message taken from the schedule ends exactly once: delivered, or failed with its error
+counted once under a kind (refused, connect, reset, timeout, tls, protocol, or 4xx/5xx by reply
+code). After a connection-level failure the connection is dropped and the next message opens a
+new one.
+
+Timeouts: each message runs in one cancel scope whose deadline moves to ``now + --timeout``
+before every write and read, so the timeout is per reply, yet costs one scope per message.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+import ssl
+from dataclasses import dataclass, field
+from itertools import count
+
+import trio
+
+from loadgen.config import LoadConfig
+from loadgen.stats import RunStats
+from loadgen.transport import SocketTransport
+from loadgen.workload import MessageFactory
+from smtpwire.client import (
+    ClientConfig,
+    ClientConnection,
+    ClientEvent,
+    Closed,
+    MessageDone,
+    PhaseDone,
+    Ready,
+    SessionFailed,
+    StartTLS,
+)
+
+__all__ = ["LoadSession", "SessionContext"]
+
+#: Bytes asked for per read: replies are small, but a pipelined group's replies come together.
+RECEIVE_SIZE = 65536
+#: Linux: bind a source address without picking a port until connect(), so the port can be
+#: shared across destinations (the 4-tuple must be unique, not the port).
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+#: How long to wait, after the 221 to QUIT, for the server to close first: the side that closes
+#: first keeps the TIME_WAIT state, and a load generator that opens thousands of connections
+#: should leave that to the server rather than run out of ephemeral ports.
+CLOSE_WAIT = 2.0
+
+
+@dataclass
+class SessionContext:
+    """What every session of one process shares."""
+
+    config: LoadConfig
+    client_config: ClientConfig
+    stats: RunStats
+    factory: MessageFactory
+    family: int
+    sockaddr: tuple
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    source_addresses: list[str] = field(default_factory=list)
+    _source_counter: count = field(default_factory=count)
+
+    @property
+    def deadline_slack(self) -> float:
+        """How late a reply timeout may fire. Moving a cancel scope's deadline is a heap
+        update in trio; doing it only when it moved by more than 1% of the timeout saves that
+        on almost every read and write, at the price of timeouts up to 1% late."""
+        return self.config.timeout * 0.01
+
+    def next_source_address(self) -> str | None:
+        sources = self.source_addresses
+        if not sources:
+            return None
+        return sources[next(self._source_counter) % len(sources)]
+
+
+class _Failure(Exception):
+    """A message or connection failed; ``kind`` None means the error was counted already."""
+
+    def __init__(self, kind: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+class LoadSession:
+    """One concurrent session: takes messages, keeps a connection open between them."""
+
+    __slots__ = ("conn", "ctx", "now", "on_connection", "scope", "stream")
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self.stream: trio.abc.Stream | None = None
+        self.conn: ClientConnection | None = None
+        self.on_connection = 0
+        self.scope = trio.CancelScope()
+        #: The clock at the session's latest read (when the latest reply arrived).
+        self.now = 0.0
+
+    # -- the message loop ------------------------------------------------------------------
+
+    async def send_message(self, n: int, due: float) -> None:
+        """Deliver message ``n`` (due at ``due``), opening a connection first if needed."""
+        ctx = self.ctx
+        stats = ctx.stats
+        stats.attempted += 1
+        # The transport does not yield when a read or write completes at once; this is the
+        # session's guaranteed cancellation point per message.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        msg = ctx.factory.message(n)
+        failure: _Failure | None = None
+        self.now = trio.current_time()
+        with trio.CancelScope(deadline=self.now + ctx.config.timeout) as scope:
+            self.scope = scope
+            try:
+                if self.conn is None:
+                    await self._open()
+                conn = self.conn
+                assert conn is not None
+                conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
+                event = await self._pump()
+                if type(event) is MessageDone:
+                    now = self.now  # when the reply that ended the message arrived
+                    if event.delivered:
+                        stats.message_delivered(now, now - due, msg.size)
+                    else:
+                        stats.message_failed(now)
+                    self.on_connection += 1
+                    per_connection = ctx.config.per_connection
+                    if per_connection and self.on_connection >= per_connection:
+                        scope.deadline = math.inf
+                        await self.quit()
+                    return
+                failure = self._session_failure(event)
+            except _Failure as exc:
+                failure = exc
+            except trio.BrokenResourceError as exc:
+                failure = self._broken(exc)
+        if scope.cancelled_caught:
+            failure = self._timeout()
+        assert failure is not None
+        if failure.kind is not None:
+            stats.error(failure.kind, failure.detail)
+        stats.message_failed(trio.current_time())
+        await self.abort()
+
+    async def quit(self) -> None:
+        """QUIT and close; waits for the server's 221 and then for it to close first."""
+        conn, stream = self.conn, self.stream
+        if conn is None or stream is None:
+            return
+        failure: _Failure | None = None
+        self.now = trio.current_time()
+        with trio.CancelScope(deadline=self.now + self.ctx.config.timeout) as scope:
+            self.scope = scope
+            try:
+                conn.quit()
+                event = await self._pump()
+                if event is Closed:
+                    # Wait (briefly) for the server's close, so TIME_WAIT lands on its side.
+                    scope.deadline = trio.current_time() + min(CLOSE_WAIT, self.ctx.config.timeout)
+                    while await stream.receive_some(RECEIVE_SIZE):
+                        pass
+                else:
+                    failure = self._session_failure(event)
+            except trio.BrokenResourceError:
+                pass  # a reset after QUIT: the session was over anyway
+        if scope.cancelled_caught and not conn.is_closed:
+            failure = self._timeout()
+        if failure is not None and failure.kind is not None:
+            self.ctx.stats.error(failure.kind, failure.detail)
+        await self.abort()
+
+    # -- connection set-up -----------------------------------------------------------------
+
+    async def _open(self) -> None:
+        ctx = self.ctx
+        stats = ctx.stats
+        timeout = ctx.config.timeout
+        started = trio.current_time()
+        self.scope.deadline = started + timeout
+        raw = socket.socket(ctx.family, socket.SOCK_STREAM)
+        raw.setblocking(False)
+        try:
+            sock = trio.socket.from_stdlib_socket(raw)
+            source = ctx.next_source_address()
+            if source is not None:
+                if ctx.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                await sock.bind((source, 0))
+            await sock.connect(ctx.sockaddr)
+        except OSError as exc:
+            raw.close()
+            kind = "refused" if exc.errno == errno.ECONNREFUSED else "connect"
+            raise _Failure(kind, f"connect: {exc.strerror or exc}") from None
+        except BaseException:
+            raw.close()
+            raise
+        now = trio.current_time()
+        stats.phases.record("connect", now - started)
+        stats.connections += 1
+        stream: trio.abc.Stream = SocketTransport(raw)
+        self.stream = stream
+        implicit_tls = ctx.config.target.implicit_tls
+        if implicit_tls:
+            stream = self.stream = await self._handshake(stream)
+        conn = self.conn = ClientConnection(ctx.client_config, tls_active=implicit_tls)
+        self.on_connection = 0
+        self.now = trio.current_time()
+        conn.connection_made(self.now)
+        while True:
+            event = await self._pump()
+            if event is Ready:
+                return
+            if event is StartTLS:
+                self.stream = await self._handshake(self.stream)
+                self.now = trio.current_time()
+                conn.tls_started()
+                continue
+            raise self._session_failure(event)
+
+    async def _handshake(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream]:
+        ctx = self.ctx
+        assert ctx.ssl_context is not None
+        started = trio.current_time()
+        tls = trio.SSLStream(
+            stream, ctx.ssl_context, server_hostname=ctx.server_hostname, https_compatible=False
+        )
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise _Failure("tls", f"TLS handshake: {exc.__cause__ or exc}") from None
+        ctx.stats.phases.record("tls", trio.current_time() - started)
+        return tls
+
+    # -- the I/O pump ----------------------------------------------------------------------
+
+    async def _pump(self) -> ClientEvent:
+        """Write and read until the connection has an event other than a timed reply.
+
+        Timed replies are recorded here; errors in them (4xx, 5xx) are counted here, once.
+        """
+        conn = self.conn
+        stream = self.stream
+        assert conn is not None and stream is not None
+        stats = self.ctx.stats
+        record = stats.phases.record
+        scope = self.scope
+        timeout = self.ctx.config.timeout
+        slack = self.ctx.deadline_slack
+        current_time = trio.current_time
+        # One clock reading per write and per read: the write's stamps the commands it
+        # carries, the read's stamps the replies, and either serves for the next deadline.
+        now = self.now
+        while True:
+            event = conn.next_event()
+            if event is None:
+                if conn.wants_to_send:
+                    now = current_time()
+                    if now + timeout - scope.deadline > slack:
+                        scope.deadline = now + timeout
+                    await stream.send_all(conn.data_to_send(now))
+                else:
+                    if now + timeout - scope.deadline > slack:
+                        scope.deadline = now + timeout
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    now = self.now = current_time()
+                    conn.receive_data(data, now)
+            elif type(event) is PhaseDone:
+                if event.ok:
+                    record(event.phase, event.elapsed)
+                else:
+                    reply = event.reply
+                    stats.reply_error(event.phase, reply.code, reply.text)
+            else:
+                return event
+
+    # -- failures --------------------------------------------------------------------------
+
+    def _session_failure(self, event: ClientEvent) -> _Failure:
+        if isinstance(event, SessionFailed):
+            return _Failure(event.kind, f"{event.phase}: {event.detail}")
+        return _Failure("protocol", f"unexpected {event!r}")
+
+    def _broken(self, exc: trio.BrokenResourceError) -> _Failure:
+        cause = exc.__cause__
+        phase = self._pending_phase()
+        if isinstance(cause, ssl.SSLError):
+            return _Failure("tls", f"{phase}: TLS error: {cause}")
+        reason = getattr(cause, "strerror", None) or "connection broken"
+        return _Failure("reset", f"{phase}: {reason}")
+
+    def _timeout(self) -> _Failure:
+        phase = self._pending_phase()
+        return _Failure("timeout", f"{phase}: no reply within {self.ctx.config.timeout:g}s")
+
+    def _pending_phase(self) -> str:
+        conn = self.conn
+        if conn is None:
+            return "connect"
+        return conn.pending_phase or "session"
+
+    async def abort(self) -> None:
+        """Close the connection at once (after a failure, or when cancelled)."""
+        stream = self.stream
+        self.stream = None
+        self.conn = None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)

@@ -1,0 +1,371 @@
+"""What a run measured: per-phase latency histograms, counters, errors and the timeline.
+
+This module owns the measurements and their exact merge across worker processes. Latencies are
+recorded as integer microseconds into one ``HdrHistogram`` per phase; merging encodes and decodes
+the histograms and adds them, so percentiles of a ``--procs`` run are those of all samples, not
+an average of averages. It never does I/O and never reads a clock: callers pass times.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+__all__ = [
+    "ERROR_KINDS",
+    "HIGHEST_US",
+    "PHASES",
+    "PhaseHistograms",
+    "RunStats",
+    "Timeline",
+    "histogram_mean",
+    "new_histogram",
+    "value_at_percentiles",
+]
+
+#: Timed phases in report order. ``tls`` is the handshake of implicit TLS (smtps://), ``bdat``
+#: an intermediate BDAT chunk, ``message`` a whole message from its (scheduled) start to the 2xx
+#: to its end of data.
+PHASES = (
+    "connect",
+    "tls",
+    "banner",
+    "ehlo",
+    "starttls",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "bdat",
+    "eod",
+    "rset",
+    "quit",
+    "message",
+)
+
+#: Error kinds, in report order. ``connect`` is a connect failure other than a refusal (no
+#: route, no free local port), ``tls`` a failed TLS handshake or TLS error.
+ERROR_KINDS = ("refused", "connect", "reset", "timeout", "4xx", "5xx", "protocol", "tls")
+
+#: One hour in microseconds: anything slower is recorded as one hour.
+HIGHEST_US = 3_600_000_000
+_SIGNIFICANT_FIGURES = 3
+#: Distinct values a phase collects before they are moved into its histogram.
+MAX_PENDING_VALUES = 50_000
+#: How many distinct error texts a report keeps as examples.
+MAX_ERROR_SAMPLES = 20
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, HIGHEST_US, _SIGNIFICANT_FIGURES)
+
+
+def value_at_percentiles(hist: HdrHistogram, percentiles: Sequence[float]) -> list[int]:
+    """``hist.get_value_at_percentile(p)`` for every ``p``, in one pass over the counts.
+
+    The hdrh package walks the whole counts array in Python once per percentile (or slower,
+    for its dict variant); a report asks for dozens of percentiles over a dozen phases.
+    """
+    results = [0] * len(percentiles)
+    total = hist.get_total_count()
+    if not total:
+        return results
+    targets = sorted(
+        (max(int(min(p, 100.0) * total / 100 + 0.5), 1), i) for i, p in enumerate(percentiles)
+    )
+    t = 0
+    running = 0
+    for index, count in enumerate(hist.counts):
+        if not count:
+            continue
+        running += count
+        while running >= targets[t][0]:
+            i = targets[t][1]
+            value = hist.get_value_from_index(index)
+            results[i] = (
+                hist.get_highest_equivalent_value(value)
+                if percentiles[i]
+                else hist.get_lowest_equivalent_value(value)
+            )
+            t += 1
+            if t == len(targets):
+                return results
+    return results
+
+
+def histogram_mean(hist: HdrHistogram) -> float:
+    """``hist.get_mean_value()`` without hdrh's per-value iterator objects."""
+    total = hist.get_total_count()
+    if not total:
+        return 0.0
+    weighted = 0
+    value_at = hist.get_value_from_index
+    highest = hist.get_highest_equivalent_value
+    for index, count in enumerate(hist.counts):
+        if count:
+            # The middle of the bucket's range, as hdrh's mean uses.
+            low = value_at(index)
+            weighted += count * (low + ((highest(low) - low + 1) >> 1))
+    return weighted / total
+
+
+class PhaseHistograms:
+    """One latency histogram per phase, in microseconds.
+
+    ``record`` only counts the value in a per-phase dict (a dict increment costs a small
+    fraction of ``HdrHistogram.record_value`` in Python); the counts go into the histograms in
+    bulk, one ``record_value(value, count)`` per distinct value, whenever the histograms are
+    read or a dict grows large. The histograms end up exactly as if every value had been
+    recorded one by one.
+    """
+
+    __slots__ = ("_hists", "_pending")
+
+    def __init__(self) -> None:
+        self._hists: dict[str, HdrHistogram] = {phase: new_histogram() for phase in PHASES}
+        self._pending: dict[str, dict[int, int]] = {phase: {} for phase in PHASES}
+
+    def record(self, phase: str, seconds: float) -> None:
+        us = int(seconds * 1_000_000 + 0.5)
+        if us > HIGHEST_US:
+            us = HIGHEST_US
+        elif us < 0:
+            us = 0
+        pending = self._pending[phase]
+        pending[us] = pending.get(us, 0) + 1
+        if len(pending) > MAX_PENDING_VALUES:
+            self._flush(phase)
+
+    def _flush(self, phase: str) -> None:
+        pending = self._pending[phase]
+        record = self._hists[phase].record_value
+        for us, count in pending.items():
+            record(us, count)
+        pending.clear()
+
+    @property
+    def by_phase(self) -> dict[str, HdrHistogram]:
+        """The histograms, with every recorded value in them."""
+        for phase, pending in self._pending.items():
+            if pending:
+                self._flush(phase)
+        return self._hists
+
+    def merge(self, other: PhaseHistograms) -> None:
+        mine = self.by_phase
+        for phase, hist in other.by_phase.items():
+            if hist.get_total_count():
+                mine[phase].add(hist)
+
+    def encode(self) -> dict[str, str]:
+        """Non-empty histograms in HdrHistogram's compressed base64 form."""
+        return {
+            phase: hist.encode().decode("ascii")
+            for phase, hist in self.by_phase.items()
+            if hist.get_total_count()
+        }
+
+    @classmethod
+    def decode(cls, encoded: dict[str, str]) -> PhaseHistograms:
+        self = cls()
+        for phase, text in encoded.items():
+            self._hists[phase].add(HdrHistogram.decode(text.encode("ascii")))
+        return self
+
+    def total_count(self) -> int:
+        return sum(h.get_total_count() for h in self.by_phase.values())
+
+
+class Timeline:
+    """Per-second counts since the start of the run: delivered messages, bytes, failures."""
+
+    __slots__ = ("bytes", "delivered", "failed")
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.bytes: list[int] = []
+        self.failed: list[int] = []
+
+    def _grow(self, second: int) -> None:
+        missing = second + 1 - len(self.delivered)
+        if missing > 0:
+            self.delivered.extend([0] * missing)
+            self.bytes.extend([0] * missing)
+            self.failed.extend([0] * missing)
+
+    def add_delivered(self, second: int, size: int) -> None:
+        if second >= len(self.delivered):
+            self._grow(second)
+        self.delivered[second] += 1
+        self.bytes[second] += size
+
+    def add_failed(self, second: int) -> None:
+        if second >= len(self.failed):
+            self._grow(second)
+        self.failed[second] += 1
+
+    def merge(self, other: Timeline) -> None:
+        self._grow(len(other.delivered) - 1)
+        for i, v in enumerate(other.delivered):
+            self.delivered[i] += v
+        for i, v in enumerate(other.bytes):
+            self.bytes[i] += v
+        for i, v in enumerate(other.failed):
+            self.failed[i] += v
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"delivered": self.delivered, "bytes": self.bytes, "failed": self.failed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[int]]) -> Timeline:
+        self = cls()
+        self.delivered = list(data["delivered"])
+        self.bytes = list(data["bytes"])
+        self.failed = list(data["failed"])
+        return self
+
+
+@dataclass
+class RunStats:
+    """Everything one process (or, after ``merge``, a whole run) measured.
+
+    ``started`` is the clock reading the run counts seconds from; ``elapsed`` is set at the end.
+    Every message taken from the schedule is ``attempted`` and ends ``delivered`` or ``failed``.
+    """
+
+    started: float = 0.0
+    #: Seconds from the start to the end of the last message: the window rates are taken over.
+    elapsed: float = 0.0
+    #: Seconds from the start until every session had quit.
+    wall: float = 0.0
+    #: Clock reading at the end of the latest message.
+    last_message_at: float = 0.0
+    attempted: int = 0
+    delivered: int = 0
+    failed: int = 0
+    bytes_delivered: int = 0
+    connections: int = 0
+    phases: PhaseHistograms = field(default_factory=PhaseHistograms)
+    timeline: Timeline = field(default_factory=Timeline)
+    errors_by_kind: Counter[str] = field(default_factory=Counter)
+    errors_by_code: Counter[int] = field(default_factory=Counter)
+    #: A few distinct error texts with how often each happened.
+    error_samples: Counter[str] = field(default_factory=Counter)
+    #: Whole-message latencies (us -> count) since the last ``take_interval``: the live
+    #: display's running p99.
+    interval: dict[int, int] = field(default_factory=dict)
+
+    # -- recording (hot path) --------------------------------------------------------------
+
+    def message_delivered(self, now: float, latency: float, size: int) -> None:
+        self.delivered += 1
+        self.bytes_delivered += size
+        self.last_message_at = now
+        self.timeline.add_delivered(int(now - self.started), size)
+        self.phases.record("message", latency)
+        us = int(latency * 1_000_000 + 0.5)
+        interval = self.interval
+        interval[us] = interval.get(us, 0) + 1
+
+    def message_failed(self, now: float) -> None:
+        self.failed += 1
+        self.last_message_at = now
+        self.timeline.add_failed(int(now - self.started))
+
+    def error(self, kind: str, detail: str, code: int | None = None) -> None:
+        self.errors_by_kind[kind] += 1
+        if code is not None:
+            self.errors_by_code[code] += 1
+        samples = self.error_samples
+        if detail in samples or len(samples) < MAX_ERROR_SAMPLES:
+            samples[detail] += 1
+
+    def reply_error(self, phase: str, code: int, text: str) -> None:
+        """A reply the plan did not want: a 4xx or 5xx, or a wrong positive code."""
+        kind = "4xx" if 400 <= code < 500 else "5xx" if code >= 500 else "protocol"
+        self.error(kind, f"{phase}: {code} {text}", code)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+    @property
+    def msg_rate(self) -> float:
+        """Delivered messages per second over the measurement window."""
+        return self.delivered / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def byte_rate(self) -> float:
+        return self.bytes_delivered / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """Failed messages per attempted message."""
+        return self.failed / self.attempted if self.attempted else 0.0
+
+    def take_interval(self) -> HdrHistogram:
+        """Message latencies since the previous call, as a histogram."""
+        hist = new_histogram()
+        for us, count in self.interval.items():
+            hist.record_value(min(max(us, 0), HIGHEST_US), count)
+        self.interval = {}
+        return hist
+
+    # -- merging across processes ----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A picklable, JSON-able form that ``from_dict`` restores exactly."""
+        return {
+            "elapsed": self.elapsed,
+            "wall": self.wall,
+            "attempted": self.attempted,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "bytes_delivered": self.bytes_delivered,
+            "connections": self.connections,
+            "phases": self.phases.encode(),
+            "timeline": self.timeline.to_dict(),
+            "errors_by_kind": dict(self.errors_by_kind),
+            "errors_by_code": {str(k): v for k, v in self.errors_by_code.items()},
+            "error_samples": dict(self.error_samples),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunStats:
+        return cls(
+            elapsed=data["elapsed"],
+            wall=data["wall"],
+            attempted=data["attempted"],
+            delivered=data["delivered"],
+            failed=data["failed"],
+            bytes_delivered=data["bytes_delivered"],
+            connections=data["connections"],
+            phases=PhaseHistograms.decode(data["phases"]),
+            timeline=Timeline.from_dict(data["timeline"]),
+            errors_by_kind=Counter(data["errors_by_kind"]),
+            errors_by_code=Counter({int(k): v for k, v in data["errors_by_code"].items()}),
+            error_samples=Counter(data["error_samples"]),
+        )
+
+    def merge(self, other: RunStats) -> None:
+        """Add another process's results. The run lasted as long as its longest process."""
+        self.elapsed = max(self.elapsed, other.elapsed)
+        self.wall = max(self.wall, other.wall)
+        self.attempted += other.attempted
+        self.delivered += other.delivered
+        self.failed += other.failed
+        self.bytes_delivered += other.bytes_delivered
+        self.connections += other.connections
+        self.phases.merge(other.phases)
+        self.timeline.merge(other.timeline)
+        self.errors_by_kind.update(other.errors_by_kind)
+        self.errors_by_code.update(other.errors_by_code)
+        for detail, count in other.error_samples.items():
+            if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
+                self.error_samples[detail] += count

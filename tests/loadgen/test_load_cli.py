@@ -1,0 +1,258 @@
+"""The command line: help, one-line usage errors (exit 2), reports, --fail-if, --procs.
+
+Full runs go against Postfix smtp-sink (a separate process), through ``loadgen.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hdrh.histogram import HdrHistogram
+
+from loadgen.cli import main
+
+pytest_plugins = ("load_fixtures",)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_module_help_explains_itself() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadgen", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    out = result.stdout
+    assert out.startswith("usage: python -m loadgen")
+    for needle in (
+        "examples:",
+        "--rate",
+        "--fail-if",
+        "coordinated-omission",
+        "NOT verified",
+        "smtps://",
+        "--source-address",
+        "exit status",
+    ):
+        assert needle in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: TARGET"),
+        (["localhost:"], "bad target"),
+        (["ftp://x:21"], "unknown scheme"),
+        (["127.0.0.1:25", "--size", "1k:x"], "bad size mix"),
+        (["127.0.0.1:25", "--size", "huge"], "bad size"),
+        (["127.0.0.1:25", "--fail-if", "p99(eod) > 5"], "needs a duration"),
+        (["127.0.0.1:25", "--fail-if", "p99(eod) >"], "bad --fail-if"),
+        (["127.0.0.1:25", "--sessions", "0"], "must be at least 1"),
+        (["127.0.0.1:25", "--rate", "-3"], "more than 0"),
+        (["127.0.0.1:25", "--bogus"], "unrecognized arguments: --bogus"),
+        (["127.0.0.1:25", "--auth", "nocolon"], "USER:PASS"),
+        (["127.0.0.1:25", "--pipelining", "maybe"], "invalid choice"),
+        (["127.0.0.1:25", "--eml", "/nonexistent/x"], "no such file"),
+        (["127.0.0.1:25", "--from", "a{x}@b"], "unknown field"),
+        (["127.0.0.1:25", "--source-address", "nope"], "not an IP address"),
+        (["127.0.0.1:25", "--sessions", "10000000"], "open files"),
+        (["smtps://127.0.0.1:25", "--starttls"], "makes no sense"),
+        (["127.0.0.1:25", "--ehlo", "two words"], "bad --ehlo"),
+        (["127.0.0.1:25", "--chunk-size", "1k"], "needs --chunking"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("mailstorm load: error: ")
+    assert message in lines[0]
+
+
+def test_unresolvable_host_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-host.invalid:25", "--messages", "1", "-q"]) == 2
+    assert "cannot resolve" in capsys.readouterr().err
+
+
+def test_json_report_is_complete_and_fail_if_sets_the_status(
+    smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = smtp_sink()
+    report_path = tmp_path / "run.json"
+    argv = [
+        f"127.0.0.1:{sink.port}",
+        "--sessions",
+        "5",
+        "--messages",
+        "200",
+        "--rcpts",
+        "2",
+        "--size",
+        "1k:3,4k:1",
+        "--json",
+        str(report_path),
+        "-q",
+    ]
+    assert main([*argv, "--fail-if", "p99(eod) > 60s or error_rate > 1%"]) == 0
+    assert main([*argv, "--fail-if", "delivered >= 200 and errors == 0"]) == 1
+    out = capsys.readouterr().out
+    assert "latency (ms)" in out and "FAILED" in out
+    report = json.loads(report_path.read_text())
+    assert set(report) >= {
+        "config",
+        "totals",
+        "phases",
+        "percentile_curves",
+        "timeline",
+        "errors",
+        "histograms",
+        "fail_if",
+        "started_at",
+    }
+    assert report["config"]["sessions"] == 5 and report["config"]["rcpts"] == 2
+    assert report["config"]["mode"] == "closed-loop"
+    totals = report["totals"]
+    assert totals["delivered"] == totals["attempted"] == 200 and totals["failed"] == 0
+    assert totals["msg_rate"] > 0 and totals["mb_rate"] > 0
+    for phase in ("connect", "banner", "ehlo", "mail", "rcpt", "data", "eod", "quit", "message"):
+        summary = report["phases"][phase]
+        assert set(summary) == {
+            "count",
+            "min_ms",
+            "mean_ms",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "p99_9_ms",
+            "max_ms",
+        }
+        assert summary["min_ms"] <= summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+    assert report["phases"]["rcpt"]["count"] == 400
+    assert sum(t["delivered"] for t in report["timeline"]) == 200
+    assert sum(t["bytes"] for t in report["timeline"]) == totals["bytes"]
+    assert report["errors"] == {"by_kind": {}, "by_code": {}, "samples": []}
+    assert report["fail_if"]["failed"] is True
+    assert len(report["fail_if"]["explanation"]) == 2
+    eod = HdrHistogram.decode(report["histograms"]["eod"].encode())
+    assert eod.get_total_count() == 200
+    assert sink.wait_for_messages(400) == 400
+
+
+def test_procs_merge_exactly(
+    smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = smtp_sink()
+    report_path = tmp_path / "procs.json"
+    status = main(
+        [
+            f"127.0.0.1:{sink.port}",
+            "--procs",
+            "2",
+            "--sessions",
+            "6",
+            "--messages",
+            "301",
+            "--per-connection",
+            "10",
+            "--json",
+            str(report_path),
+            "-q",
+        ]
+    )
+    assert status == 0
+    report = json.loads(report_path.read_text())
+    totals = report["totals"]
+    assert totals["delivered"] == totals["attempted"] == 301
+    assert sink.wait_for_messages(301) == 301
+    for phase in ("eod", "message", "mail"):
+        hist = HdrHistogram.decode(report["histograms"][phase].encode())
+        assert hist.get_total_count() == 301 == report["phases"][phase]["count"]
+    # Connections: 301 messages, 10 per connection, over 6 sessions in 2 processes.
+    assert report["phases"]["connect"]["count"] == totals["connections"] >= 31
+    assert sum(t["delivered"] for t in report["timeline"]) == 301
+
+
+def test_progress_lines_without_a_terminal(
+    smtp_sink: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = smtp_sink()
+    status = main(
+        [
+            f"127.0.0.1:{sink.port}",
+            "--sessions",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "1.2",
+            "--progress-interval",
+            "0.2",
+        ]
+    )
+    assert status == 0
+    err = capsys.readouterr().err
+    # Not a terminal: plain lines, not a live panel.
+    assert "delivered" in err and "msg/s" in err and "\x1b[" not in err
+
+
+def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium not installed (Debian package chromium)")
+    sink = smtp_sink()
+    html_path = tmp_path / "report.html"
+    assert (
+        main(
+            [
+                f"127.0.0.1:{sink.port}",
+                "--sessions",
+                "4",
+                "--rate",
+                "100",
+                "--duration",
+                "2",
+                "--html",
+                str(html_path),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    page = html_path.read_text()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--dump-dom",
+                html_path.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    dom = result.stdout
+    assert 'data-charts-rendered="3"' in dom, result.stderr[-2000:]
+    assert "rendered 3 charts" in dom
+    # Throughput (delivered, failed), MB/s, and one latency curve per phase were drawn.
+    assert dom.count('class="series"') >= 3 + 9
+    assert 'data-series="eod"' in dom and 'data-series="delivered"' in dom
