@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -20,6 +20,13 @@ from loadgen.failif import FailIfError, FailIfExpression
 from loadgen.limits import ephemeral_port_warning, raise_open_files_limit
 from loadgen.stats import RunStats
 from loadgen.workload import AddressTemplate, WorkloadError, parse_size, parse_size_mix
+from mailstorm.cliutil import (
+    OneLineErrorParser,
+    non_negative_int,
+    positive_int,
+    positive_seconds,
+    seconds,
+)
 
 if TYPE_CHECKING:
     from loadgen.live import ProgressDisplay
@@ -61,50 +68,6 @@ failed, delivered, attempted, msg_rate, mb_rate; combined with and, or, not, par
 exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 130 interrupted."""
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text.removesuffix("s"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number of seconds")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
-    return value
-
-
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -116,7 +79,7 @@ def _rate(text: str) -> float:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(
+    p = OneLineErrorParser(
         prog=prog,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -127,24 +90,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument(
         "--sessions",
         "-c",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="concurrent sessions (default: 100)",
     )
     g.add_argument(
-        "--messages", "-m", type=_positive_int, metavar="M", help="stop after M messages in total"
+        "--messages", "-m", type=positive_int, metavar="M", help="stop after M messages in total"
     )
     g.add_argument(
         "--duration",
         "-d",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="stop starting messages after S seconds (default: 10 without --messages)",
     )
     g.add_argument(
         "--per-connection",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="K",
         help="QUIT and reconnect after K messages (1 tests connection rate; "
@@ -159,7 +122,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ramp-up",
-        type=_seconds,
+        type=seconds,
         default=0.0,
         metavar="S",
         help="ramp the rate up linearly over S seconds (closed loop: stagger the "
@@ -168,14 +131,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument(
         "--procs",
         "-P",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="P",
         help="split the load over P worker processes; results merge exactly",
     )
     g.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="seconds to wait for each reply (and to connect) (default: 30)",
@@ -196,7 +159,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--rcpts",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="R",
         help="recipients per message (default: 1)",
@@ -289,7 +252,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g.add_argument(
         "--progress-interval",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="seconds between progress updates (default: 1 on a terminal, 5 otherwise)",
     )

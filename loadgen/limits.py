@@ -6,8 +6,9 @@ requested sessions cannot fit. It never changes anything but this process's soft
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
+
+from mailstorm.cliutil import raise_open_files_limit as raise_nofile
 
 __all__ = ["ephemeral_port_warning", "fds_needed", "raise_open_files_limit"]
 
@@ -23,15 +24,7 @@ def fds_needed(sessions: int) -> int:
 def raise_open_files_limit(sessions: int) -> str | None:
     """Raise the soft RLIMIT_NOFILE to the hard limit; a message if ``sessions`` still do not
     fit in one process, else None."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        # Linux refuses RLIM_INFINITY for NOFILE; fs.nr_open bounds it, 1M is its default.
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
+    soft, hard = raise_nofile()
     needed = fds_needed(sessions)
     if needed > soft:
         return (

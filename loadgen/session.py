@@ -27,8 +27,8 @@ import trio
 
 from loadgen.config import LoadConfig
 from loadgen.stats import RunStats
-from loadgen.transport import SocketTransport
 from loadgen.workload import MessageFactory
+from mailstorm.netstream import SocketTransport
 from smtpwire.client import (
     ClientConfig,
     ClientConnection,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import trio
 
+from mailstorm.netstream import SocketTransport
 from smtpwire import reply_table as R
 from smtpwire.server import SessionPolicy
 
@@ -33,7 +34,6 @@ from .session import Session, SessionContext
 from .stats import SinkStats
 from .stores import DiscardStore, Store, open_store
 from .tls import server_ssl_context
-from .transport import PlainTransport
 
 __all__ = ["ConfigError", "SinkServer"]
 
@@ -212,7 +212,7 @@ class SinkServer:
                     raise
                 if len(self._sessions) >= max_connections:
                     self.stats.sessions_refused += 1
-                    sessions.start_soon(self._refuse, PlainTransport(sock))
+                    sessions.start_soon(self._refuse, SocketTransport(sock))
                     continue
                 session = Session(sock, self._ctx, tls=implicit_tls)
                 self._sessions.add(session)
@@ -226,7 +226,7 @@ class SinkServer:
             if self._stopping and not self._sessions:
                 self._all_closed.set()
 
-    async def _refuse(self, transport: PlainTransport) -> None:
+    async def _refuse(self, transport: SocketTransport) -> None:
         with trio.move_on_after(REFUSAL_TIMEOUT):
             with contextlib.suppress(trio.BrokenResourceError):
                 await transport.send_all(R.too_many_connections(self.policy.hostname).to_bytes())

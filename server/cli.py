@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import signal
 import sys
-from typing import NoReturn
 
 import trio
 
+from mailstorm.cliutil import (
+    OneLineErrorParser,
+    non_negative_int,
+    raise_open_files_limit,
+    seconds,
+    value_type,
+)
 from smtpwire.data import BareLinefeedPolicy
 
 from .app import ConfigError, SinkServer
@@ -50,45 +55,8 @@ exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 if a listener cannot b
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _wrap(parse):  # type: ignore[no-untyped-def]
-    def parse_arg(text: str):  # type: ignore[no-untyped-def]
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse_arg
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Reports a bad argument as one line on stderr (no usage dump), with exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(
+    p = OneLineErrorParser(
         prog=prog,
         description="A high-concurrency SMTP sink: accepts mail from many clients at once and "
         "discards, counts, or stores it exactly (Maildir or mbox).",
@@ -99,14 +67,14 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     net.add_argument(
         "--listen",
         action="append",
-        type=_wrap(parse_address),
+        type=value_type(parse_address),
         metavar="HOST:PORT",
         help="plain SMTP listener, repeatable; IPv6 as [::1]:2525 (default 127.0.0.1:2525)",
     )
     net.add_argument(
         "--tls-listen",
         action="append",
-        type=_wrap(parse_address),
+        type=value_type(parse_address),
         metavar="HOST:PORT",
         default=[],
         help="implicit-TLS (SMTPS) listener, repeatable; needs --tls-cert",
@@ -118,7 +86,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--max-connections",
-        type=_count,
+        type=non_negative_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="concurrent sessions before new clients get 421 "
@@ -137,7 +105,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits")
     limits.add_argument(
         "--max-size",
-        type=_wrap(parse_size),
+        type=value_type(parse_size),
         default=DEFAULT_MAX_SIZE,
         metavar="BYTES",
         help="largest message, advertised as SIZE; accepts "
@@ -145,14 +113,14 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-recipients",
-        type=_count,
+        type=non_negative_int,
         default=1000,
         metavar="N",
         help="recipients per message before 452 (default 1000)",
     )
     limits.add_argument(
         "--max-errors",
-        type=_count,
+        type=non_negative_int,
         default=20,
         metavar="N",
         help="protocol errors before the session is ended with 421 (default 20)",
@@ -166,14 +134,14 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--command-timeout",
-        type=_positive_float,
+        type=seconds,
         default=DEFAULT_COMMAND_TIMEOUT,
         metavar="SECONDS",
         help=f"wait for a command (default {DEFAULT_COMMAND_TIMEOUT:g}, RFC 5321 4.5.3.2)",
     )
     limits.add_argument(
         "--data-timeout",
-        type=_positive_float,
+        type=seconds,
         default=DEFAULT_DATA_TIMEOUT,
         metavar="SECONDS",
         help=f"wait for each block of message data (default {DEFAULT_DATA_TIMEOUT:g})",
@@ -202,14 +170,14 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     run = p.add_argument_group("running")
     run.add_argument(
         "--stats-interval",
-        type=_positive_float,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
         help="print a line of counters every SECONDS (default off)",
     )
     run.add_argument(
         "--grace-period",
-        type=_positive_float,
+        type=seconds,
         default=DEFAULT_GRACE_PERIOD,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, time for open transactions "
@@ -247,19 +215,6 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         grace_period=args.grace_period,
         stats_interval=args.stats_interval,
     )
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit: each session is a file descriptor."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 async def _run(server: SinkServer) -> None:
@@ -320,7 +275,7 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
             "warning: AUTH is offered without TLS: passwords travel in plaintext "
             "(configure --tls-cert/--tls-key to protect them)"
         )
-    raise_fd_limit()
+    raise_open_files_limit()
     try:
         trio.run(_run, server)
     except KeyboardInterrupt:

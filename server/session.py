@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
+from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
 from smtpwire import reply_table as R
 from smtpwire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
 from smtpwire.replies import Reply
@@ -31,7 +32,6 @@ from .credentials import CredentialStore
 from .stats import SinkStats
 from .stores import Store, StoreError
 from .trace import trace_headers
-from .transport import PlainTransport, TLSTransport, Transport
 
 __all__ = ["Session", "SessionContext"]
 
@@ -87,11 +87,13 @@ class Session:
     """
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
-        self.transport: Transport = PlainTransport(sock)
+        plain = SocketTransport(sock)
+        self.peer_ip, self.peer_port = plain.peer()
+        #: The session's byte stream: the socket, or an SSLStream over it after TLS starts.
+        self.stream: trio.abc.Stream = plain
         self.ctx = ctx
         self.implicit_tls = tls
         self.conn = ServerConnection(ctx.policy, tls_active=tls)
-        self.peer_ip, self.peer_port = self.transport.peer()
         #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
         self.stopping = False
         self._scope = trio.CancelScope()
@@ -132,7 +134,7 @@ class Session:
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
         finally:
             stats.sessions_active -= 1
-            await self.transport.aclose()
+            await trio.aclose_forcefully(self.stream)
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -149,7 +151,7 @@ class Session:
                 scope.deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
                 try:
-                    data = await self.transport.receive()
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 finally:
                     self._waiting_for_input = False
                 conn.receive_data(data)
@@ -169,7 +171,7 @@ class Session:
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
-            await self.transport.send_all(data)
+            await self.stream.send_all(data)
 
     async def _goodbye(self, reply: Reply) -> None:
         """Send a last 421, shielded and bounded, if the connection still works."""
@@ -180,17 +182,16 @@ class Session:
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
             scope.shield = True
             with contextlib.suppress(*_STREAM_ERRORS):
-                await self.transport.send_all(data)
+                await self.stream.send_all(data)
 
     async def _handshake(self) -> bool:
         ctx = self.ctx
         assert ctx.ssl_context is not None
-        transport = self.transport
-        if isinstance(transport, PlainTransport):
-            transport = self.transport = transport.start_tls(ctx.ssl_context)
+        tls_stream = trio.SSLStream(self.stream, ctx.ssl_context, server_side=True)
+        self.stream = tls_stream
         self._scope.deadline = trio.current_time() + ctx.command_timeout
         try:
-            await transport.handshake()
+            await tls_stream.do_handshake()
         except trio.BrokenResourceError as exc:
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
             return False
@@ -204,10 +205,7 @@ class Session:
         envelope = event.envelope
         try:
             if ctx.keeps_messages:
-                transport = self.transport
-                version, cipher = (
-                    transport.details() if isinstance(transport, TLSTransport) else (None, None)
-                )
+                version, cipher = _tls_details(self.stream)
                 trace = trace_headers(
                     envelope,
                     hostname=ctx.policy.hostname,
@@ -249,3 +247,11 @@ class Session:
                 "AUTH %s failed for user %r from %s", event.mechanism, event.username, self.peer_ip
             )
         self.conn.auth_result(ok)
+
+
+def _tls_details(stream: trio.abc.Stream) -> tuple[str | None, str | None]:
+    """The negotiated TLS version and cipher, for the Received header."""
+    if not isinstance(stream, trio.SSLStream):
+        return None, None
+    cipher = stream.cipher()
+    return stream.version(), cipher[0] if cipher else None

@@ -1,0 +1,101 @@
+"""A lean trio byte stream over a connected TCP socket: the hot-path transport of both shells.
+
+``trio.SocketStream`` does the same job, but wraps every call in a context manager, a conflict
+detector and two scheduler checkpoints; in the sink's profile that cost more than the send and
+recv system calls themselves. Here a read or write that can complete at once does so without
+yielding, and only an operation that would block waits, with ``trio.lowlevel.wait_readable`` /
+``wait_writable``, which are ordinary trio waits (cancellable, so timeouts and shutdown work).
+
+Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
+could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
+once. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
+
+It never parses SMTP and never times anything. Errors: a reset or vanished peer raises
+``trio.BrokenResourceError``, as trio's own streams do.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+__all__ = ["RECEIVE_SIZE", "SocketTransport"]
+
+#: Bytes asked of the kernel per receive: a whole pipelined group or a large DATA block.
+RECEIVE_SIZE = 65536
+#: Receives that found data waiting, in a row, before yielding to other tasks once.
+FAIRNESS_READS = 16
+
+
+class SocketTransport(trio.abc.Stream):
+    """A ``trio.abc.Stream`` over a connected, non-blocking stdlib socket it owns."""
+
+    __slots__ = ("_eager_reads", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        # Replies (and pipelined command groups) must not wait for Nagle's algorithm.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._eager_reads = 0
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def peer(self) -> tuple[str, int]:
+        """The peer's address and port, or ("unknown", 0) once it is gone."""
+        try:
+            peer = self._sock.getpeername()
+        except OSError:
+            return "unknown", 0
+        return str(peer[0]), int(peer[1])
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self._sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if sent == len(data):
+            return  # the usual case: the whole write fit in the socket buffer
+        view = memoryview(data)[sent:]
+        while view:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        sock = self._sock
+        size = max_bytes or RECEIVE_SIZE
+        if self._eager_reads >= FAIRNESS_READS:
+            self._eager_reads = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                self._eager_reads = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            self._eager_reads += 1
+            return data
+
+    async def aclose(self) -> None:
+        sock = self._sock
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        await trio.lowlevel.checkpoint()
