@@ -15,6 +15,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from smtpwire.client import PHASES as CLIENT_PHASES
+
 __all__ = [
     "ERROR_KINDS",
     "HIGHEST_US",
@@ -30,22 +32,7 @@ __all__ = [
 #: Timed phases in report order. ``tls`` is the handshake of implicit TLS (smtps://), ``bdat``
 #: an intermediate BDAT chunk, ``message`` a whole message from its (scheduled) start to the 2xx
 #: to its end of data.
-PHASES = (
-    "connect",
-    "tls",
-    "banner",
-    "ehlo",
-    "starttls",
-    "auth",
-    "mail",
-    "rcpt",
-    "data",
-    "bdat",
-    "eod",
-    "rset",
-    "quit",
-    "message",
-)
+PHASES = ("connect", "tls", *CLIENT_PHASES, "message")
 
 #: Error kinds, in report order. ``connect`` is a connect failure other than a refusal (no
 #: route, no free local port), ``tls`` a failed TLS handshake or TLS error.
