@@ -30,7 +30,7 @@ from smtpwire.server import SessionPolicy
 
 from .config import Address, SinkConfig
 from .credentials import CredentialStore
-from .session import Session, SessionContext
+from .session import IdleReaper, Session, SessionContext
 from .stats import SinkStats
 from .stores import DiscardStore, Store, open_store
 from .tls import server_ssl_context
@@ -149,6 +149,8 @@ class SinkServer:
         self.tls_addresses = [_bound(lst) for lst in tls]
         try:
             async with trio.open_nursery() as sessions:
+                reaper_scope = trio.CancelScope()
+                sessions.start_soon(self._reap_idle_sessions, reaper_scope)
                 async with trio.open_nursery() as services:
                     self._service_scope = services.cancel_scope
                     if self._stopping:
@@ -161,6 +163,7 @@ class SinkServer:
                 for listener, _ in listeners:
                     listener.close()
                 await self._drain()
+                reaper_scope.cancel()
         finally:
             for listener, _ in listeners:
                 listener.close()
@@ -249,6 +252,15 @@ class SinkServer:
             await self._all_closed.wait()
         for session in list(self._sessions):
             session.force_stop()
+
+    async def _reap_idle_sessions(self, scope: trio.CancelScope) -> None:
+        """Time out idle sessions until the server has drained (owned by the sessions' nursery,
+        so timeouts still apply during the grace period)."""
+        reaper = IdleReaper.for_timeouts(
+            self._sessions, self.config.command_timeout, self.config.data_timeout
+        )
+        with scope:
+            await reaper.run()
 
     async def _report_stats(self, interval: float) -> None:
         while True:

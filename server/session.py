@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
@@ -78,12 +79,37 @@ class _QueueIds:
 _queue_ids = _QueueIds()
 
 
+class IdleReaper:
+    """Ends sessions whose ``idle_deadline`` has passed: one task per server, not one timer
+    per session operation.
+
+    Precision is ``interval`` (a quarter of the shortest timeout, at most a second): a session
+    gets its 421 between ``timeout`` and ``timeout + interval`` after it began to wait.
+    """
+
+    def __init__(self, sessions: set[Session], interval: float) -> None:
+        self.sessions = sessions
+        self.interval = interval
+
+    @classmethod
+    def for_timeouts(cls, sessions: set[Session], *timeouts: float) -> IdleReaper:
+        return cls(sessions, max(0.01, min(1.0, *(t / 4 for t in timeouts))))
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            now = trio.current_time()
+            for session in [s for s in self.sessions if s.idle_deadline < now]:
+                session.time_out()
+
+
 class Session:
     """One connection, from banner to close.
 
-    Time is one cancel scope per session whose deadline moves forward before each wait for
-    input (cheaper than a scope per operation on the hot path). When it expires the session
-    says 421 (timeout, or shutdown when ``stopping``) and ends.
+    Time: before each wait for input the session writes ``idle_deadline`` (a float; nothing
+    else), and the server's ``IdleReaper`` cancels the session's one cancel scope once that
+    deadline has passed. Moving a trio deadline on every command cost more than parsing the
+    command. A cancelled session says 421 (timeout, or shutdown when ``stopping``) and ends.
     """
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
@@ -97,6 +123,8 @@ class Session:
         #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
         self.stopping = False
         self._scope = trio.CancelScope()
+        #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
+        self.idle_deadline = math.inf
         self._waiting_for_input = False
 
     # ---- lifecycle hooks called by the server ------------------------------------------
@@ -112,6 +140,10 @@ class Session:
         self.stopping = True
         self._scope.cancel()
 
+    def time_out(self) -> None:
+        """``idle_deadline`` has passed: the session ends with 421 4.4.2."""
+        self._scope.cancel()
+
     # ---- the session -----------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -120,7 +152,7 @@ class Session:
         stats.sessions_active += 1
         try:
             with self._scope:
-                self._scope.deadline = trio.current_time() + self.ctx.command_timeout
+                self.idle_deadline = trio.current_time() + self.ctx.command_timeout
                 if self.implicit_tls and not await self._handshake():
                     return
                 await self._loop()
@@ -139,7 +171,6 @@ class Session:
     async def _loop(self) -> None:
         conn = self.conn
         ctx = self.ctx
-        scope = self._scope
         while True:
             event = conn.next_event()
             if event is NeedData:
@@ -148,7 +179,7 @@ class Session:
                     conn.close(R.shutting_down(ctx.policy.hostname))
                     continue
                 timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
-                scope.deadline = trio.current_time() + timeout
+                self.idle_deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
                 try:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -189,7 +220,7 @@ class Session:
         assert ctx.ssl_context is not None
         tls_stream = trio.SSLStream(self.stream, ctx.ssl_context, server_side=True)
         self.stream = tls_stream
-        self._scope.deadline = trio.current_time() + ctx.command_timeout
+        self.idle_deadline = trio.current_time() + ctx.command_timeout
         try:
             await tls_stream.do_handshake()
         except trio.BrokenResourceError as exc:

@@ -1,10 +1,13 @@
 """The sink's fixed replies: the reply-code table of RFC 5321 4.2.3 with RFC 3463 enhanced codes.
 
 Replies that never change are module constants, so their wire bytes are built once. Replies
-that name the host or carry a number are made by the small functions at the end.
+that name the host or carry a limit are made by the small functions at the end, cached, so
+they too are built once per server rather than once per connection.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 from .replies import Reply
 
@@ -80,14 +83,17 @@ NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8
 NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Error: non-ASCII recipient needs SMTPUTF8")
 
 
+@cache
 def banner(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP mailstorm")
 
 
+@cache
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} Bye")
 
 
+@cache
 def helo(hostname: str) -> Reply:
     return Reply(250, None, hostname)
 
@@ -100,21 +106,26 @@ def chunk_received(octets: int) -> Reply:
     return Reply(250, "2.0.0", f"{octets} octets received")
 
 
+@cache
 def size_exceeded(limit: int) -> Reply:
     return Reply(552, "5.3.4", f"Error: message size exceeds fixed limit of {limit} octets")
 
 
+@cache
 def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
 
 
+@cache
 def timed_out(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
 
 
+@cache
 def shutting_down(hostname: str) -> Reply:
     return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing connection")
 
 
+@cache
 def too_many_connections(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many connections, try again later")

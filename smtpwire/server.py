@@ -29,7 +29,8 @@ import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum, auto
+from enum import IntEnum, auto
+from functools import cache
 
 from . import reply_table as R
 from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
@@ -96,8 +97,8 @@ class SessionPolicy:
         return self.auth_enabled and (tls_active or not self.tls_available or self.insecure_auth)
 
 
-class Mode(Enum):
-    """Which reader consumes the next input bytes."""
+class Mode(IntEnum):
+    """Which reader consumes the next input bytes (an IntEnum: hashed in C on the hot path)."""
 
     #: Command lines.
     COMMAND = auto()
@@ -113,7 +114,7 @@ class Mode(Enum):
     CLOSED = auto()
 
 
-class Phase(Enum):
+class Phase(IntEnum):
     """Where the session is in the mail transaction; decides which commands are in sequence."""
 
     #: No HELO/EHLO yet (also right after STARTTLS).
@@ -454,11 +455,10 @@ class ServerConnection:
         self.helo = arg
         self.greeting = greeting
         self.phase = Phase.READY
-        host = self.policy.hostname
         if greeting == "SMTP":
-            self._reply(R.helo(host))
+            self._reply(R.helo(self.policy.hostname))
         else:
-            self._reply(Reply(250, None, host, *self.policy.ehlo_keywords(self.tls_active)))
+            self._reply(_ehlo_reply(self.policy, self.tls_active))
         return None
 
     def _mail(self, arg: str | None) -> Event | None:
@@ -718,6 +718,12 @@ class ServerConnection:
             self._reply(R.AUTH_LOGIN_PASSWORD)
             return None
         return self._park(AuthAttempt("LOGIN", self._auth_username, text))
+
+
+@cache
+def _ehlo_reply(policy: SessionPolicy, tls_active: bool) -> Reply:
+    """The EHLO reply, built once per policy and TLS state (its wire bytes cached with it)."""
+    return Reply(250, None, policy.hostname, *policy.ehlo_keywords(tls_active))
 
 
 def _check_mail_param(key: str, value: str | None, max_size: int) -> Reply | None:
