@@ -93,9 +93,13 @@ class SocketTransport(trio.abc.Stream):
             self._eager_reads += 1
             return data
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close now, without the checkpoint ``aclose`` owes (for callers already done)."""
         sock = self._sock
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()

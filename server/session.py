@@ -166,7 +166,11 @@ class Session:
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
         finally:
             stats.sessions_active -= 1
-            await trio.aclose_forcefully(self.stream)
+            stream = self.stream
+            if isinstance(stream, SocketTransport):
+                stream.close()  # plain TCP: nothing to say goodbye with, no need to wait
+            else:
+                await trio.aclose_forcefully(stream)
 
     async def _loop(self) -> None:
         conn = self.conn
