@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
+import os
 import socket
 import ssl
+import sys
 from collections.abc import Sequence
 
 import trio
@@ -35,7 +38,7 @@ from .stats import SinkStats
 from .stores import DiscardStore, Store, open_store
 from .tls import server_ssl_context
 
-__all__ = ["ConfigError", "SinkServer"]
+__all__ = ["ConfigError", "SinkServer", "listening_sockets"]
 
 log = logging.getLogger("mailstorm.sink")
 
@@ -159,6 +162,8 @@ class SinkServer:
                         services.start_soon(self._accept_loop, listener, implicit_tls, sessions)
                     if self.config.stats_interval > 0:
                         services.start_soon(self._report_stats, self.config.stats_interval)
+                    if self.config.report_interval > 0:
+                        services.start_soon(self._report_to_supervisor, self.config.report_interval)
                     task_status.started(self.addresses + self.tls_addresses)
                 for listener, _ in listeners:
                     listener.close()
@@ -186,7 +191,9 @@ class SinkServer:
         listeners: list[socket.socket] = []
         try:
             for address in addresses:
-                listeners += await trio.to_thread.run_sync(_listening_sockets, address)
+                listeners += await trio.to_thread.run_sync(
+                    listening_sockets, address, self.config.reuse_port
+                )
         except BaseException:
             for sock in listeners:
                 sock.close()
@@ -262,6 +269,23 @@ class SinkServer:
         with scope:
             await reaper.run()
 
+    async def _report_to_supervisor(self, interval: float) -> None:
+        """Worker mode: a JSON line of counters on stdout now and every ``interval`` seconds.
+
+        The supervisor reads them from a pipe; when that pipe breaks, the supervisor is gone
+        and the worker shuts down gracefully rather than live on as an orphan.
+        """
+        while True:
+            line = json.dumps({"pid": os.getpid(), **self.stats.snapshot()}) + "\n"
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (BrokenPipeError, ValueError):
+                log.error("the supervisor is gone: shutting down")
+                self.shutdown()
+                return
+            await trio.sleep(interval)
+
     async def _report_stats(self, interval: float) -> None:
         while True:
             await trio.sleep(interval)
@@ -273,8 +297,11 @@ def _bound(listener: socket.socket) -> tuple[str, int]:
     return str(name[0]), int(name[1])
 
 
-def _listening_sockets(address: Address) -> list[socket.socket]:
+def listening_sockets(address: Address, reuse_port: bool = False) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address ``address.host`` resolves to.
+
+    With ``reuse_port`` several processes bind the same port and the kernel spreads new
+    connections over them (SO_REUSEPORT), which is how ``--workers`` shares a listener.
 
     Raises ``ConfigError`` with one line (for example "address already in use").
     """
@@ -294,6 +321,8 @@ def _listening_sockets(address: Address) -> list[socket.socket]:
             sock = socket.socket(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # One socket per family, as trio.open_tcp_listeners does.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -17,23 +17,26 @@ import trio
 from mailstorm.cliutil import (
     OneLineErrorParser,
     non_negative_int,
+    positive_int,
     raise_open_files_limit,
     seconds,
     value_type,
 )
 from smtpwire.data import BareLinefeedPolicy
 
-from .app import ConfigError, SinkServer
+from .app import ConfigError, SinkServer, listening_sockets
 from .config import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_DATA_TIMEOUT,
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_SIZE,
+    Address,
     SinkConfig,
     parse_address,
     parse_size,
 )
+from .workers import WorkerSupervisor, reserve_ports
 
 __all__ = ["build_parser", "main"]
 
@@ -58,6 +61,8 @@ exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 if a listener cannot b
 def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog=prog,
+        # Abbreviations would make the supervisor's rewriting of worker arguments ambiguous.
+        allow_abbrev=False,
         description="A high-concurrency SMTP sink: accepts mail from many clients at once and "
         "discards, counts, or stores it exactly (Maildir or mbox).",
         epilog=EPILOG,
@@ -169,6 +174,22 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
 
     run = p.add_argument_group("running")
     run.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run N sink processes sharing the listening ports (SO_REUSEPORT) under "
+        "a supervisor that restarts crashed workers and sums their counters "
+        "(default 1)",
+    )
+    run.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT on listeners, so that other processes can serve the same port",
+    )
+    # Worker mode, set by the supervisor: JSON counters on stdout every SECONDS.
+    run.add_argument("--worker-report", type=seconds, default=0.0, help=argparse.SUPPRESS)
+    run.add_argument(
         "--stats-interval",
         type=seconds,
         default=0.0,
@@ -214,6 +235,8 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         data_timeout=args.data_timeout or DEFAULT_DATA_TIMEOUT,
         grace_period=args.grace_period,
         stats_interval=args.stats_interval,
+        reuse_port=args.reuse_port,
+        report_interval=args.worker_report,
     )
 
 
@@ -276,6 +299,8 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
             "(configure --tls-cert/--tls-key to protect them)"
         )
     raise_open_files_limit()
+    if args.workers > 1:
+        return _supervise(args, config, argv if argv is not None else sys.argv[1:], prog)
     try:
         trio.run(_run, server)
     except KeyboardInterrupt:
@@ -289,6 +314,52 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _supervise(args: argparse.Namespace, config: SinkConfig, argv: list[str], prog: str) -> int:
+    """``--workers N``: check the listeners here, then run N workers under a supervisor."""
+    listen, holders = reserve_ports(config.listen)
+    tls_listen, tls_holders = reserve_ports(config.tls_listen)
+    try:
+        for address in [*listen, *tls_listen]:
+            # Bind each port once with SO_REUSEPORT, as the workers will: a port held by
+            # another program fails here, with the usual one-line error.
+            for sock in listening_sockets(address, reuse_port=True):
+                sock.close()
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    worker_args = _worker_args(argv, listen, tls_listen)
+    supervisor = WorkerSupervisor(worker_args, args.workers, stats_interval=args.stats_interval)
+    try:
+        return trio.run(supervisor.run)
+    finally:
+        for holder in holders + tls_holders:
+            holder.close()
+
+
+#: Options the supervisor owns: workers get concrete listeners and report to it instead.
+_SUPERVISOR_OPTIONS = ("--workers", "--listen", "--tls-listen", "--stats-interval")
+
+
+def _worker_args(argv: list[str], listen: list[Address], tls_listen: list[Address]) -> list[str]:
+    """The arguments of a worker: the user's, minus what the supervisor owns, plus listeners."""
+    worker: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _SUPERVISOR_OPTIONS:
+            skip_value = "=" not in arg
+            continue
+        worker.append(arg)
+    for address in listen:
+        worker += ["--listen", str(address)]
+    for address in tls_listen:
+        worker += ["--tls-listen", str(address)]
+    return worker
 
 
 def _sole_config_error(exc: BaseException) -> ConfigError | None:

@@ -6,7 +6,7 @@ It owns parsing of listen addresses and sizes, and the defaults. It never opens 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from smtpwire.data import BareLinefeedPolicy
 
@@ -77,4 +77,7 @@ class SinkConfig:
     data_timeout: float = DEFAULT_DATA_TIMEOUT
     grace_period: float = DEFAULT_GRACE_PERIOD
     stats_interval: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
+    #: Set SO_REUSEPORT on listeners, so several sink processes can share a port.
+    reuse_port: bool = False
+    #: Worker mode (``--workers``): write a JSON line of counters to stdout this often.
+    report_interval: float = 0.0

@@ -1,0 +1,92 @@
+"""``--workers N``: processes sharing a port, restarts after a crash, summed counters, signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PROCESS_TIMEOUT = 30.0
+
+
+def _wait_for(path: Path, pattern: str, timeout: float = PROCESS_TIMEOUT) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, path.read_text())
+        if m:
+            return m
+        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
+        time.sleep(0.05)
+
+
+def _send(port: int, n: int) -> None:
+    for i in range(n):
+        with smtplib.SMTP("127.0.0.1", port, timeout=PROCESS_TIMEOUT) as client:
+            client.sendmail("a@example.com", ["b@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+def test_workers_share_the_port_survive_a_crash_and_stop_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    maildir = tmp_path / "mail"
+    with log.open("w") as stderr:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "server", "--workers", "2", "--listen", "127.0.0.1:0",
+             "--store", f"maildir:{maildir}", "--stats-interval", "0.2"],
+            stderr=stderr, start_new_session=True,
+        )
+    try:
+        port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        pids = [int(p) for p in _wait_for(log, r"2 workers serving \(pids (\d+), (\d+)\)")
+                .groups()]
+        _send(port, 40)
+        names = os.listdir(maildir / "new")
+        assert len(names) == 40
+        # Queue ids carry the worker's pid: both workers took connections.
+        queue_ids = re.findall(r"id ([0-9A-F]{16})", "".join(
+            (maildir / "new" / name).read_text() for name in names))
+        assert {int(q[6:10], 16) for q in queue_ids} == {pid & 0xFFFF for pid in pids}
+
+        # Counters travel in periodic reports: a killed worker keeps what it last reported.
+        _wait_for(log, r"messages 40, ")
+        os.kill(pids[0], signal.SIGKILL)
+        _wait_for(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
+        _send(port, 10)
+        _wait_for(log, r"messages 50, .*worker restarts 1")
+
+        sink.send_signal(signal.SIGTERM)
+        assert sink.wait(timeout=PROCESS_TIMEOUT) == 0
+    finally:
+        if sink.poll() is None:
+            os.killpg(sink.pid, signal.SIGKILL)
+            sink.wait()
+    text = log.read_text()
+    assert "stopped: 2 workers: sessions 0 active / 50 total, messages 50" in text
+    assert len(os.listdir(maildir / "new")) == 50
+    # No worker outlives the supervisor.
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_report_a_port_in_use_as_one_line(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "--workers", "2", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"python -m server: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
