@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-SERVER_NAMES = ("mailstorm", "aiosmtpd", "smtp-sink", "node")
+#: ``mailstorm-w2`` is the sink with ``--workers 2`` (the 1-to-2 worker scaling of issue 4).
+SERVER_NAMES = ("mailstorm", "mailstorm-w2", "aiosmtpd", "smtp-sink", "node")
 BENCH_DIR = Path(__file__).resolve().parent
 NODE_SINK = BENCH_DIR / "node" / "sink.js"
 #: How long a server may take to accept its first connection.
@@ -47,6 +48,8 @@ STOP_TIMEOUT = 15.0
 
 _COUNT_PATTERNS = {
     "mailstorm": re.compile(rb"stopped: .*?messages (\d+)"),
+    # The supervisor's own final line sums its workers' counters (it is printed last).
+    "mailstorm-w2": re.compile(rb"stopped: 2 workers: .*?messages (\d+)"),
     "aiosmtpd": re.compile(rb"^messages (\d+)", re.MULTILINE),
     "smtp-sink": re.compile(rb"mesg=(\d+)"),
     "node": re.compile(rb"^messages (\d+)", re.MULTILINE),
@@ -132,13 +135,13 @@ def _check_output(cmd: list[str]) -> tuple[int, str]:
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
-def _mailstorm_spec() -> ServerSpec:
+def _mailstorm_spec(name: str = "mailstorm") -> ServerSpec:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return ServerSpec("mailstorm", True, version=version("mailstorm"))
+        return ServerSpec(name, True, version=version("mailstorm"))
     except PackageNotFoundError:
-        return ServerSpec("mailstorm", True, version="(not installed, from source)")
+        return ServerSpec(name, True, version="(not installed, from source)")
 
 
 def _aiosmtpd_spec() -> ServerSpec:
@@ -173,6 +176,7 @@ def discover_servers(wanted: tuple[str, ...] = SERVER_NAMES) -> dict[str, Server
     """Which of the ``wanted`` servers can run here, with versions or the reason why not."""
     finders = {
         "mailstorm": _mailstorm_spec,
+        "mailstorm-w2": lambda: _mailstorm_spec("mailstorm-w2"),
         "aiosmtpd": _aiosmtpd_spec,
         "smtp-sink": _smtp_sink_spec,
         "node": _node_spec,
@@ -183,11 +187,12 @@ def discover_servers(wanted: tuple[str, ...] = SERVER_NAMES) -> dict[str, Server
 def _command(name: str, port: int, max_sessions: int) -> list[str]:
     """The command line that starts server ``name`` on 127.0.0.1:``port``."""
     backlog = listen_backlog()
-    if name == "mailstorm":
+    if name in ("mailstorm", "mailstorm-w2"):
+        workers = ["--workers", "2"] if name == "mailstorm-w2" else []
         return [
             sys.executable, "-m", "mailstorm", "sink",
             "--listen", f"{HOST}:{port}", "--hostname", "bench.sink", "--store", "discard",
-            "--max-connections", str(max_sessions), "--grace-period", "1",
+            "--max-connections", str(max_sessions), "--grace-period", "1", *workers,
         ]
     if name == "aiosmtpd":
         return [

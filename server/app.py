@@ -169,6 +169,9 @@ class SinkServer:
                     listener.close()
                 await self._drain()
                 reaper_scope.cancel()
+            if self.config.report_interval > 0:
+                # The final counts: the supervisor's totals are exact after a graceful stop.
+                self._report_counters()
         finally:
             for listener, _ in listeners:
                 listener.close()
@@ -270,21 +273,26 @@ class SinkServer:
             await reaper.run()
 
     async def _report_to_supervisor(self, interval: float) -> None:
-        """Worker mode: a JSON line of counters on stdout now and every ``interval`` seconds.
+        """Worker mode: a JSON line of counters on stdout now and every ``interval`` seconds
+        (and a last one when the server has drained, see ``serve``).
 
         The supervisor reads them from a pipe; when that pipe breaks, the supervisor is gone
         and the worker shuts down gracefully rather than live on as an orphan.
         """
-        while True:
-            line = json.dumps({"pid": os.getpid(), **self.stats.snapshot()}) + "\n"
-            try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            except (BrokenPipeError, ValueError):
-                log.error("the supervisor is gone: shutting down")
-                self.shutdown()
-                return
+        while self._report_counters():
             await trio.sleep(interval)
+        log.error("the supervisor is gone: shutting down")
+        self.shutdown()
+
+    def _report_counters(self) -> bool:
+        """Write one JSON line of counters to stdout; False if nobody reads it any more."""
+        line = json.dumps({"pid": os.getpid(), **self.stats.snapshot()}) + "\n"
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            return False
+        return True
 
     async def _report_stats(self, interval: float) -> None:
         while True:

@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("pers100", "conn100", "big10")
 #: Always run (the suite's installer provides them); node's smtp-server runs only when present.
-REQUIRED_SERVERS = ("mailstorm", "aiosmtpd", "smtp-sink")
+REQUIRED_SERVERS = ("mailstorm", "mailstorm-w2", "aiosmtpd", "smtp-sink")
 SERVERS = (*REQUIRED_SERVERS, "node")
 DRIVERS = ("smtp-source", "mailstorm load")
 #: A hang guard for the whole smoke run, far above its usual length; not a timing check.
