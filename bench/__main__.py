@@ -20,7 +20,7 @@ from .servers import SERVER_NAMES
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
-def _names(allowed: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _names(allowed: tuple[str, ...]):
     """An argparse type: a comma-separated subset of ``allowed``, kept in ``allowed`` order."""
 
     def parse(text: str) -> tuple[str, ...]:

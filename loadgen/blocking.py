@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import NoReturn
 
 from loadgen.tls import client_ssl_context
 from smtpwire.client import (
@@ -222,7 +223,7 @@ class BlockingSession:
             else:
                 return event
 
-    def _raise(self, event: ClientEvent) -> None:
+    def _raise(self, event: ClientEvent) -> NoReturn:
         self.close()
         if isinstance(event, SessionFailed):
             raise SMTPSessionError(event.phase, event.kind or "reply", event.detail)

@@ -22,6 +22,7 @@ silently pass a CI gate.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -286,7 +287,7 @@ class _Parser:
         if name == "error_rate":
             return _Operand(name, _FRACTION, metric=lambda s: s.error_rate)
         if name in _COUNTS:
-            return _Operand(name, _NUMBER, metric=lambda s, n=name: float(getattr(s, n)))
+            return _Operand(name, _NUMBER, metric=functools.partial(_count_metric, name))
         if name == "msg_rate":
             return _Operand(name, _NUMBER, metric=lambda s: s.msg_rate)
         if name == "mb_rate":
@@ -338,3 +339,8 @@ class FailIfExpression:
 
 def parse_fail_if(text: str) -> FailIfExpression:
     return FailIfExpression(text)
+
+
+def _count_metric(name: str, stats: RunStats) -> float:
+    """A count from the run summary, as a number to compare (for counts like ``failed``)."""
+    return float(getattr(stats, name))

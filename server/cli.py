@@ -268,7 +268,7 @@ async def _serve_then_stop(
     server: SinkServer,
     scope: trio.CancelScope,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve; when the server has drained, end the signal watcher too."""
     await server.serve(task_status=task_status)

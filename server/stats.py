@@ -35,7 +35,7 @@ class SinkStats:
         """The counters as a dict (for JSON, metrics, and tests)."""
         return {
             name: getattr(self, name)
-            for name in self.__slots__  # type: ignore[attr-defined]
+            for name in self.__slots__
             if not name.startswith("_") and name != "started"
         } | {"uptime": round(time.monotonic() - self.started, 3)}
 

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -155,7 +155,7 @@ class WorkerSupervisor:
         while not (self.stopping and all(p is None for p in self._processes)):
             await trio.sleep(0.05)
 
-    async def _forward_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+    async def _forward_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not self.stopping:

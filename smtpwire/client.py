@@ -389,7 +389,7 @@ class ClientConnection:
         self._expect.append(_BANNER)
         self._stamps.append(now)
 
-    def receive_data(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes | bytearray, now: float) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
         self._recv_now = now
         if data:

@@ -126,7 +126,7 @@ class ReplyParser:
         self._code: int | None = None
         self._lines: list[str] = []
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0

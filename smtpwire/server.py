@@ -212,7 +212,7 @@ class ServerConnection:
 
     # ---- driver API --------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed its side."""
         if data:
             if self.mode is not Mode.CLOSED:
