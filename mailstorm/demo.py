@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sessions", type=int, default=50, help="concurrent sessions (default 50)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of load (default 5)")
-    p.add_argument("--size", default="1k:70,10k:25,100k:5",
-                   help="message size or size mix (default 1k:70,10k:25,100k:5)")
+    p.add_argument(
+        "--size",
+        default="1k:70,10k:25,100k:5",
+        help="message size or size mix (default 1k:70,10k:25,100k:5)",
+    )
     p.add_argument("--keep", metavar="DIR", help="store into DIR (kept) instead of a temp dir")
     args = p.parse_args(argv)
 
@@ -64,17 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailstorm-demo-") as tmp:
         maildir = Path(args.keep) if args.keep else Path(tmp) / "Maildir"
         report = Path(tmp) / "report.json"
-        sink_cmd = [sys.executable, "-m", "server", "--listen", f"127.0.0.1:{port}",
-                    "--store", f"maildir:{maildir}", "--hostname", "demo.sink"]
+        sink_cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"maildir:{maildir}",
+            "--hostname",
+            "demo.sink",
+        ]
         print(f"$ mailstorm sink --listen 127.0.0.1:{port} --store maildir:{maildir}", flush=True)
         sink = subprocess.Popen(sink_cmd)
         try:
             _wait_listening(port, sink)
-            load_cmd = [sys.executable, "-m", "loadgen", f"127.0.0.1:{port}",
-                        "--sessions", str(args.sessions), "--duration", str(args.duration),
-                        "--size", args.size, "--json", str(report)]
-            print(f"$ mailstorm load 127.0.0.1:{port} --sessions {args.sessions} "
-                  f"--duration {args.duration:g} --size {args.size}", flush=True)
+            load_cmd = [
+                sys.executable,
+                "-m",
+                "loadgen",
+                f"127.0.0.1:{port}",
+                "--sessions",
+                str(args.sessions),
+                "--duration",
+                str(args.duration),
+                "--size",
+                args.size,
+                "--json",
+                str(report),
+            ]
+            print(
+                f"$ mailstorm load 127.0.0.1:{port} --sessions {args.sessions} "
+                f"--duration {args.duration:g} --size {args.size}",
+                flush=True,
+            )
             load_status = subprocess.run(load_cmd, check=False).returncode
         finally:
             sink.send_signal(signal.SIGTERM)

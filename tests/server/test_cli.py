@@ -7,6 +7,7 @@ on stderr, never a traceback or a usage dump, and never a secret from the auth f
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -297,7 +298,8 @@ def test_sink_help(launcher: str) -> None:
         option
         for action in build_parser()._actions
         for option in action.option_strings
-        if option.startswith("--")
+        # Suppressed options are internal (the --workers supervisor's), not for users.
+        if option.startswith("--") and action.help != argparse.SUPPRESS
     }
     for option in sorted(set(OPTIONS) | parser_options):
         assert option in text, option
