@@ -65,7 +65,11 @@ servers); use --tls-verify (system CAs) or --ca-file to verify.
 durations (800us, 50ms, 2s); error_rate (0.001 or 0.1%%); errors, errors(KIND or CODE),
 failed, delivered, attempted, msg_rate, mb_rate; combined with and, or, not, parentheses.
 
-exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 130 interrupted."""
+exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 3 no message was
+delivered at all, 130 interrupted."""
+
+#: Exit status of a run in which every attempted message failed.
+NOTHING_DELIVERED = 3
 
 
 def _rate(text: str) -> float:
@@ -438,4 +442,13 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
         write_html(report, config.html_path)
     if status:
         return status
-    return 1 if failed_gate else 0
+    if failed_gate:
+        return 1
+    if stats.attempted and not stats.delivered:
+        # Nothing got through (server down, every message refused): a failed run even
+        # without --fail-if, so that a plain invocation can gate a pipeline.
+        Console(stderr=True, highlight=False).print(
+            "mailstorm load: no message was delivered", style="bold red"
+        )
+        return NOTHING_DELIVERED
+    return 0

@@ -256,3 +256,21 @@ def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path
     # Throughput (delivered, failed), MB/s, and one latency curve per phase were drawn.
     assert dom.count('class="series"') >= 3 + 9
     assert 'data-series="eod"' in dom and 'data-series="delivered"' in dom
+
+
+def test_a_run_that_delivers_nothing_exits_3() -> None:
+    """A server that is down fails the run even without --fail-if (exit status 3)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+        result = subprocess.run(
+            [sys.executable, "-m", "loadgen", f"127.0.0.1:{port}", "--sessions", "2",
+             "--messages", "4", "--quiet"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 3, result.stderr
+    assert "no message was delivered" in result.stderr
