@@ -135,8 +135,17 @@ def build_report(
             ],
         },
         "fail_if": fail_if,
+        "generator": {
+            "loop_lag_p99_ms": stats.loop_lag_ms(0.99),
+            "loop_lag_max_ms": stats.loop_lag_ms(1.0),
+            "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS,
+        },
         "histograms": stats.phases.encode(),
     }
+
+
+#: Event-loop lag (p99, ms) above which the generator, not the server, set the pace.
+SATURATED_LAG_MS = 10
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
@@ -200,6 +209,14 @@ def render_table(report: dict[str, Any], console: Console) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+    generator = report.get("generator", {})
+    if generator.get("saturated"):
+        console.print(
+            f"[bold yellow]warning[/]: the load generator itself was saturated (event loop "
+            f"lag p99 {generator['loop_lag_p99_ms']} ms, max {generator['loop_lag_max_ms']} ms): "
+            "latencies include its own delay; spread the load with --procs or fewer sessions",
+            soft_wrap=True,
+        )
     fail_if = report.get("fail_if")
     if fail_if:
         verdict = "[bold red]FAILED[/]" if fail_if["failed"] else "[green]passed[/]"

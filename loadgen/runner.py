@@ -91,6 +91,22 @@ async def _progress_loop(stats: RunStats, interval: float, callback: ProgressCal
         callback(stats, trio.current_time())
 
 
+#: How often the event loop's lateness is sampled.
+LOOP_LAG_PERIOD = 0.01
+
+
+async def _sample_loop_lag(stats: RunStats) -> None:
+    """Sleep ``LOOP_LAG_PERIOD`` over and over and record how late each wake-up is.
+
+    A saturated generator wakes late; its latencies then include its own delay, which the
+    report says rather than passing it off as the server's.
+    """
+    while True:
+        before = trio.current_time()
+        await trio.sleep(LOOP_LAG_PERIOD)
+        stats.record_loop_lag(trio.current_time() - before - LOOP_LAG_PERIOD)
+
+
 async def run_load(
     config: LoadConfig,
     stats: RunStats | None = None,
@@ -137,6 +153,7 @@ async def run_load(
         async with trio.open_nursery() as outer:
             if on_progress is not None:
                 outer.start_soon(_progress_loop, stats, config.progress_interval, on_progress)
+            outer.start_soon(_sample_loop_lag, stats)
             async with trio.open_nursery() as nursery:
                 for j in range(sessions):
                     # In closed loop, --ramp-up staggers session starts over the ramp; in open

@@ -8,6 +8,7 @@ an average of averages. It never does I/O and never reads a clock: callers pass 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -245,6 +246,10 @@ class RunStats:
     #: Whole-message latencies (us -> count) since the last ``take_interval``: the live
     #: display's running p99.
     interval: dict[int, int] = field(default_factory=dict)
+    #: How late this process's event loop woke up (ms, rounded up -> count), sampled every
+    #: ``LOOP_LAG_PERIOD``: when it is large the generator itself was the bottleneck and its
+    #: latencies include its own delay.
+    loop_lag: Counter[int] = field(default_factory=Counter)
 
     # -- recording (hot path) --------------------------------------------------------------
 
@@ -257,6 +262,21 @@ class RunStats:
         us = int(latency * 1_000_000 + 0.5)
         interval = self.interval
         interval[us] = interval.get(us, 0) + 1
+
+    def record_loop_lag(self, seconds: float) -> None:
+        self.loop_lag[max(0, math.ceil(seconds * 1000))] += 1
+
+    def loop_lag_ms(self, fraction: float) -> int:
+        """The ``fraction`` quantile of the sampled loop lag, in whole milliseconds."""
+        total = sum(self.loop_lag.values())
+        if not total:
+            return 0
+        seen = 0
+        for ms in sorted(self.loop_lag):
+            seen += self.loop_lag[ms]
+            if seen >= fraction * total:
+                return ms
+        return max(self.loop_lag)
 
     def message_failed(self, now: float) -> None:
         self.failed += 1
@@ -321,6 +341,7 @@ class RunStats:
             "errors_by_kind": dict(self.errors_by_kind),
             "errors_by_code": {str(k): v for k, v in self.errors_by_code.items()},
             "error_samples": dict(self.error_samples),
+            "loop_lag": {str(k): v for k, v in self.loop_lag.items()},
         }
 
     @classmethod
@@ -338,6 +359,7 @@ class RunStats:
             errors_by_kind=Counter(data["errors_by_kind"]),
             errors_by_code=Counter({int(k): v for k, v in data["errors_by_code"].items()}),
             error_samples=Counter(data["error_samples"]),
+            loop_lag=Counter({int(k): v for k, v in data.get("loop_lag", {}).items()}),
         )
 
     def merge(self, other: RunStats) -> None:
@@ -353,6 +375,7 @@ class RunStats:
         self.timeline.merge(other.timeline)
         self.errors_by_kind.update(other.errors_by_kind)
         self.errors_by_code.update(other.errors_by_code)
+        self.loop_lag.update(other.loop_lag)
         for detail, count in other.error_samples.items():
             if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
                 self.error_samples[detail] += count

@@ -273,3 +273,41 @@ def test_recording_many_distinct_values_stays_exact() -> None:
     hist = stats.phases.by_phase["mail"]
     assert hist.get_total_count() == 120_000
     assert hist.get_max_value() == hist.get_highest_equivalent_value(119_999)
+
+
+def test_loop_lag_quantiles_and_exact_merge() -> None:
+    """Event-loop lag is kept per whole millisecond and merges exactly across processes."""
+    from loadgen.stats import RunStats
+
+    a, b = RunStats(), RunStats()
+    for seconds in (0.0, 0.0004, 0.0011, 0.002):
+        a.record_loop_lag(seconds)
+    for _ in range(96):
+        b.record_loop_lag(0.0)
+    b.record_loop_lag(0.050)
+    a.merge(RunStats.from_dict(b.to_dict()))
+    assert sum(a.loop_lag.values()) == 101
+    assert a.loop_lag_ms(0.5) == 0
+    assert a.loop_lag_ms(1.0) == 50
+    assert a.loop_lag_ms(0.99) == 2
+
+
+def test_report_says_when_the_generator_was_saturated() -> None:
+    """The JSON report carries the generator's own lag, and flags saturation."""
+    import io
+
+    from rich.console import Console
+
+    from loadgen.config import LoadConfig, parse_target
+    from loadgen.report import build_report, render_table
+    from loadgen.stats import RunStats
+
+    stats = RunStats()
+    for _ in range(10):
+        stats.record_loop_lag(0.2)
+    report = build_report(LoadConfig(target=parse_target("127.0.0.1:25")), stats)
+    assert report["generator"] == {"loop_lag_p99_ms": 200, "loop_lag_max_ms": 200,
+                                   "saturated": True}
+    out = io.StringIO()
+    render_table(report, Console(file=out, width=200))
+    assert "the load generator itself was saturated" in out.getvalue()
