@@ -261,6 +261,10 @@ class LoadSession:
         # One clock reading per write and per read: the write's stamps the commands it
         # carries, the read's stamps the replies, and either serves for the next deadline.
         now = self.now
+        # Right after a write the server cannot have answered yet: wait for readability
+        # instead of trying a recv() that would only fail with EAGAIN.
+        plain = stream if type(stream) is SocketTransport else None
+        just_sent = False
         while True:
             event = conn.next_event()
             if event is None:
@@ -269,10 +273,16 @@ class LoadSession:
                     if now + timeout - scope.deadline > slack:
                         scope.deadline = now + timeout
                     await stream.send_all(conn.data_to_send(now))
+                    just_sent = True
                 else:
                     if now + timeout - scope.deadline > slack:
                         scope.deadline = now + timeout
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data: bytes | bytearray
+                    if just_sent and plain is not None:
+                        data = await plain.receive_when_ready(RECEIVE_SIZE)
+                    else:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                    just_sent = False
                     now = self.now = current_time()
                     conn.receive_data(data, now)
             elif type(event) is PhaseDone:

@@ -100,6 +100,23 @@ class SocketTransport(trio.abc.Stream):
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
+    async def receive_when_ready(self, max_bytes: int | None = None) -> bytes:
+        """Wait until the socket is readable, then receive.
+
+        For a caller that has just sent a reply and knows the answer cannot be there yet: a
+        recv() first would only fail with EAGAIN (a wasted system call and exception).
+        """
+        sock = self._sock
+        self._eager_reads = 0
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(max_bytes or RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()

@@ -178,7 +178,7 @@ class Session:
         while True:
             event = conn.next_event()
             if event is NeedData:
-                await self._flush()
+                replied = await self._flush()
                 if self.stopping and not conn.in_transaction:
                     conn.close(R.shutting_down(ctx.policy.hostname))
                     continue
@@ -186,7 +186,13 @@ class Session:
                 self.idle_deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
                 try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    stream = self.stream
+                    if replied and type(stream) is SocketTransport:
+                        # The peer is only now reading our reply: its next bytes cannot be
+                        # here yet, so skip the recv() that would fail with EAGAIN.
+                        data = await stream.receive_when_ready(RECEIVE_SIZE)
+                    else:
+                        data = await stream.receive_some(RECEIVE_SIZE)
                 finally:
                     self._waiting_for_input = False
                 conn.receive_data(data)
@@ -203,10 +209,13 @@ class Session:
                 await self._flush()
                 return
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Send the pending replies; True if there were any."""
         data = self.conn.data_to_send()
         if data:
             await self.stream.send_all(data)
+            return True
+        return False
 
     async def _goodbye(self, reply: Reply) -> None:
         """Send a last 421, shielded and bounded, if the connection still works."""
