@@ -143,3 +143,19 @@ def test_bdat_reader_counts_octets_and_drains() -> None:
     assert drain.read(buf) is None and buf == b""
     buf += b"cdNOOP"
     assert drain.read(buf) == (None,) and bytes(buf) == b"NOOP"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n."]), max_size=40)
+    .map(b"".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=10),
+)
+def test_data_ends_exactly_at_the_first_marker(raw: bytes, cuts: list[int]) -> None:
+    """Whatever mix of dots, CRs and LFs comes first, and however it is split, the reader
+    stops right after the first CRLF "." CRLF (or a leading "." CRLF) and no later."""
+    wire = raw + b"\r\n.\r\nNEXT"
+    end = 3 if wire.startswith(b".\r\n") else wire.find(b"\r\n.\r\n") + 5
+    reader = DataReader(0, BareLinefeedPolicy.NORMALIZE)
+    _, rest = feed_in_chunks(reader, wire, [c % (len(wire) + 1) for c in cuts])
+    assert rest == wire[end:]
