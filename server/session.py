@@ -185,6 +185,7 @@ class Session:
                 timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
                 self.idle_deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
+                data: bytes | bytearray
                 try:
                     stream = self.stream
                     if replied and type(stream) is SocketTransport:
