@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import trio
 from conftest import TEST_TIMEOUT, SMTPClient
@@ -30,6 +31,17 @@ def strip_trace(stored: bytes) -> bytes:
     m = _TRACE_END.match(stored)
     assert m is not None, stored[:300]
     return stored[m.end():]
+
+
+async def maildir_session(
+    start_sink: Any, connect: Any, tmp_path: Path
+) -> tuple[SinkServer, SMTPClient, Path]:
+    """A sink storing to a fresh Maildir, and a client that has said EHLO to it."""
+    folder = tmp_path / "md"
+    server = await start_sink(store=f"maildir:{folder}")
+    client = await connect(server.addresses[0])
+    await client.cmd("EHLO c.test")
+    return server, client, folder
 
 
 async def send_message(client: SMTPClient, body_wire: bytes, *, pieces: int = 1) -> str:
@@ -140,10 +152,7 @@ async def test_oversize_message_over_the_wire(start_sink, connect) -> None:
 async def test_storage_failure_gives_451_and_nothing_half_written(
     start_sink, connect, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "md"
-    server = await start_sink(store=f"maildir:{folder}")
-    client = await connect(server.addresses[0])
-    await client.cmd("EHLO c.test")
+    server, client, folder = await maildir_session(start_sink, connect, tmp_path)
     assert (await send_message(client, dot_stuff(b"first\r\n"))).startswith("250")
     kept = stored_messages(folder)
     # Break the store under the running server: new/ becomes a regular file.
@@ -160,10 +169,7 @@ async def test_storage_failure_gives_451_and_nothing_half_written(
 
 
 async def test_disconnect_mid_data_leaves_nothing(start_sink, connect, tmp_path: Path) -> None:
-    folder = tmp_path / "md"
-    server = await start_sink(store=f"maildir:{folder}")
-    client = await connect(server.addresses[0])
-    await client.cmd("EHLO c.test")
+    server, client, folder = await maildir_session(start_sink, connect, tmp_path)
     await client.cmd("MAIL FROM:<a@b>")
     await client.cmd("RCPT TO:<c@d>")
     await client.cmd("DATA")
@@ -179,10 +185,7 @@ async def test_disconnect_mid_data_leaves_nothing(start_sink, connect, tmp_path:
 async def test_smuggling_over_the_wire_yields_one_message(
     start_sink, connect, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "md"
-    server = await start_sink(store=f"maildir:{folder}")
-    client = await connect(server.addresses[0])
-    await client.cmd("EHLO c.test")
+    server, client, folder = await maildir_session(start_sink, connect, tmp_path)
     await client.cmd("MAIL FROM:<a@b>")
     await client.cmd("RCPT TO:<c@d>")
     await client.cmd("DATA")
@@ -194,6 +197,7 @@ async def test_smuggling_over_the_wire_yields_one_message(
     assert (await client.cmd("RCPT TO:<v@y>")).code == 503
     (stored,) = stored_messages(folder)
     assert strip_trace(stored).count(b"MAIL FROM:<evil@x>") == 5
+    assert server.stats.messages == 1
 
 
 async def test_bare_lf_reject_policy_over_the_wire(start_sink, connect) -> None:
@@ -208,10 +212,7 @@ async def test_bare_lf_reject_policy_over_the_wire(start_sink, connect) -> None:
 
 
 async def test_bdat_over_the_wire(start_sink, connect, tmp_path: Path) -> None:
-    folder = tmp_path / "md"
-    server = await start_sink(store=f"maildir:{folder}")
-    client = await connect(server.addresses[0])
-    await client.cmd("EHLO c.test")
+    server, client, folder = await maildir_session(start_sink, connect, tmp_path)
     await client.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 7\r\nSubjectBDAT 10 LAST\r\n"
                       b": x\r\n\r\n.\r\n")
     assert [r.code for r in await client.replies(4)] == [250, 250, 250, 250]
