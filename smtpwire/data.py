@@ -212,7 +212,7 @@ class DataReader:
 class BdatReader:
     """Reads the octets of one BDAT chunk (RFC 3030): no markers, no stuffing, just a count.
 
-    ``read(buf)`` returns None until ``size`` octets are buffered, then the chunk (or None when
+    ``read(buf)`` returns None until ``size`` octets are buffered, then the chunk (``b""`` when
     ``keep`` is False, so that refused or oversize chunks are drained without being kept).
     """
 
@@ -222,15 +222,15 @@ class BdatReader:
         self._remaining = size
         self.keep = keep
 
-    def read(self, buf: bytearray) -> tuple[bytes | None] | None:
+    def read(self, buf: bytearray) -> bytes | None:
         if not self.keep:
             take = min(self._remaining, len(buf))
             del buf[:take]
             self._remaining -= take
-            return (None,) if self._remaining == 0 else None
+            return b"" if self._remaining == 0 else None
         if len(buf) < self._remaining:
             return None
         chunk = bytes(memoryview(buf)[: self._remaining])
         del buf[: self._remaining]
         self._remaining = 0
-        return (chunk,)
+        return chunk

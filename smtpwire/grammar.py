@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 __all__ = [
     "COMMAND",
-    "DOMAIN_OR_LITERAL",
     "MAIL_ARGS",
     "RCPT_ARGS",
     "Path",
@@ -65,10 +64,6 @@ MAIL_ARGS = re.compile(rf"FROM: ?(?:<>|{_PATH}){_PARAMS} *", re.IGNORECASE)
 
 #: ``RCPT TO:`` arguments: a forward-path (or the bare ``<Postmaster>``) and ESMTP parameters.
 RCPT_ARGS = re.compile(rf"TO: ?(?:(?P<postmaster><postmaster>)|{_PATH}){_PARAMS} *", re.IGNORECASE)
-
-#: The argument of HELO/EHLO/LHLO: a domain or an address literal (checked for all of them,
-#: though a sink accepts what it is told; see ``ServerConnection``).
-DOMAIN_OR_LITERAL = re.compile(rf"(?:{_DOMAIN}|{_ADDRESS_LITERAL})")
 
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets including the angle brackets.
 MAX_PATH_OCTETS = 256

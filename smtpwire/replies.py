@@ -54,18 +54,8 @@ class Reply:
             wire = self._wire = "".join(parts).encode("utf-8")
         return wire
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
     def __repr__(self) -> str:
         return f"Reply({self.code}, {self.enhanced!r}, {' / '.join(self.lines)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Reply) and self.to_bytes() == other.to_bytes()
-
-    def __hash__(self) -> int:
-        return hash(self.to_bytes())
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,6 @@ ENCRYPTION_REQUIRED = Reply(
 BARE_LINEFEED = Reply(
     550, "5.6.0", "Message refused: bare CR or LF in content (lines must end with CRLF)"
 )
-MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message too big for system")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
 NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Error: non-ASCII recipient needs SMTPUTF8")
 

@@ -43,7 +43,7 @@ from .events import (
     NeedData,
     StartTLS,
 )
-from .grammar import COMMAND, MAIL_ARGS, MAX_PATH_OCTETS, RCPT_ARGS, DuplicateParameter
+from .grammar import COMMAND, MAIL_ARGS, MAX_PATH_OCTETS, RCPT_ARGS, DuplicateParameter, Path
 from .grammar import parse_path as _parse_path
 from .replies import Reply
 
@@ -53,6 +53,8 @@ __all__ = ["Mode", "Phase", "ServerConnection", "SessionPolicy"]
 MAX_COMMAND_LINE = 512
 #: RFC 4954 4: AUTH lines (command and responses) may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
+#: What ``_take_line`` returns for a dropped overlong line: no real line contains LF.
+_LINE_REFUSED = b"\n"
 _BDAT_ARGS = re.compile(r"([0-9]{1,18})( +LAST)? *", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
@@ -264,7 +266,7 @@ class ServerConnection:
             self._resume(R.AUTH_OK)
         else:
             self._auth_username = None
-            self._resume(self._error(R.AUTH_FAILED))
+            self._resume(R.AUTH_FAILED, error=True)
 
     def tls_started(self) -> None:
         """The TLS handshake after ``StartTLS`` succeeded: start over as RFC 3207 4.2 says."""
@@ -291,28 +293,22 @@ class ServerConnection:
     def _reply(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes())
 
-    def _error(self, reply: Reply) -> Reply:
-        """Count a client error; past the limit the session ends with 421 after the reply."""
+    def _refuse(self, reply: Reply) -> None:
+        """Reply to a client error and count it; past the limit the session ends with 421."""
+        self._reply(reply)
         self.errors += 1
         if self.errors >= self.policy.max_errors:
-            self._out.append(reply.to_bytes())
-            return R.too_many_errors(self.policy.hostname)
-        return reply
+            self.close(R.too_many_errors(self.policy.hostname))
 
-    def _resume(self, reply: Reply) -> None:
+    def _resume(self, reply: Reply, *, error: bool = False) -> None:
         if self.mode is not Mode.WAITING:
             raise RuntimeError("no pending event to answer")
         self._pending = None
         self.mode = Mode.COMMAND
-        self._reply(reply)
-        if reply.code == 421:
-            self.close()
-
-    def _refuse(self, reply: Reply) -> None:
-        reply = self._error(reply)
-        self._reply(reply)
-        if reply.code == 421:
-            self.close()
+        if error:
+            self._refuse(reply)
+        else:
+            self._reply(reply)
 
     def _park(self, event: Event) -> Event:
         self.mode = Mode.WAITING
@@ -328,20 +324,34 @@ class ServerConnection:
 
     # ---- readers, one per mode ---------------------------------------------------------
 
-    def _read_command(self) -> Event | None:
+    def _take_line(self) -> bytes | None:
+        """The next complete line without its CRLF (or bare LF), or None if there is none yet.
+
+        A line longer than any limit is dropped as it arrives (memory stays bounded) and
+        refused with 500 once its end shows up, so that its tail is never read as a command;
+        then ``_LINE_REFUSED`` is returned and the session is back in command mode.
+        """
         buf = self._buf
         end = buf.find(b"\n")
         if end < 0:
             if len(buf) > MAX_AUTH_LINE:
-                # Drop the unterminated giant line but remember to complain at its end.
                 del buf[:]
                 self._overlong = True
-            return Closed() if self._eof else NeedData
+            return None
         line = bytes(memoryview(buf)[: end - 1 if end and buf[end - 1] == 13 else end])
         del buf[: end + 1]
         if self._overlong:
             self._overlong = False
+            self.mode = Mode.COMMAND
             self._refuse(R.LINE_TOO_LONG)
+            return _LINE_REFUSED
+        return line
+
+    def _read_command(self) -> Event | None:
+        line = self._take_line()
+        if line is None:
+            return Closed() if self._eof else NeedData
+        if line is _LINE_REFUSED:
             return None
         return self._dispatch_line(line)
 
@@ -369,7 +379,7 @@ class ServerConnection:
         if refusal is not None:
             if verb == "BDAT":
                 # The chunk's octets follow regardless: they must be drained, then refused.
-                return self._bdat_drain(m.group(2), refusal)
+                return self._bdat(m.group(2), refusal)
             self._refuse(refusal)
             return None
         return handler(self, m.group(2))
@@ -388,12 +398,11 @@ class ServerConnection:
     def _read_bdat(self) -> Event | None:
         reader = self._bdat_reader
         assert reader is not None
-        result = reader.read(self._buf)
-        if result is None:
+        chunk = reader.read(self._buf)
+        if chunk is None:
             return Closed() if self._eof else NeedData
         self._bdat_reader = None
         self.mode = Mode.COMMAND
-        (chunk,) = result
         refusal = self._bdat_refusal
         if refusal is not None:
             self._bdat_refusal = None
@@ -405,7 +414,6 @@ class ServerConnection:
             else:
                 self._refuse(refusal)
             return None
-        assert chunk is not None
         self._bdat_chunks.append(chunk)
         if not self._bdat_last:
             self.phase = Phase.BDAT
@@ -416,17 +424,11 @@ class ServerConnection:
         return self._finish_message(b"".join(chunks), None)
 
     def _read_auth_line(self) -> Event | None:
-        buf = self._buf
-        end = buf.find(b"\n")
-        if end < 0:
-            if len(buf) > MAX_AUTH_LINE:
-                del buf[:]
-                self.mode = Mode.COMMAND
-                self._refuse(R.LINE_TOO_LONG)
-                return None
+        line = self._take_line()
+        if line is None:
             return Closed() if self._eof else NeedData
-        line = bytes(buf[:end]).rstrip(b"\r")
-        del buf[: end + 1]
+        if line is _LINE_REFUSED:
+            return None  # the exchange is over; the session reads commands again
         self.mode = Mode.COMMAND
         return self._auth_response(line.decode("ascii", "replace"))
 
@@ -466,17 +468,8 @@ class ServerConnection:
         if policy.auth_required and self.auth_user is None:
             self._refuse(R.AUTH_REQUIRED)
             return None
-        m = MAIL_ARGS.fullmatch(arg or "")
-        if m is None:
-            self._refuse(R.SYNTAX_MAIL)
-            return None
-        try:
-            path = _parse_path(m)
-        except DuplicateParameter:
-            self._refuse(R.DUPLICATE_PARAM)
-            return None
-        if len(path.mailbox) > MAX_PATH_OCTETS - 2:
-            self._refuse(R.PATH_TOO_LONG)
+        path = self._path(MAIL_ARGS, arg, R.SYNTAX_MAIL)
+        if path is None:
             return None
         params = path.params
         body_type = "7BIT"
@@ -509,24 +502,32 @@ class ServerConnection:
         self._reply(R.SENDER_OK)
         return None
 
-    def _rcpt(self, arg: str | None) -> Event | None:
-        envelope = self.envelope
-        assert envelope is not None
-        m = RCPT_ARGS.fullmatch(arg or "")
+    def _path(self, pattern: re.Pattern[str], arg: str | None, syntax: Reply) -> Path | None:
+        """The parsed MAIL/RCPT argument, or None after refusing it (syntax, duplicate
+        parameter, or a path over the RFC 5321 length limit)."""
+        m = pattern.fullmatch(arg or "")
         if m is None:
-            self._refuse(R.SYNTAX_RCPT)
+            self._refuse(syntax)
             return None
         try:
             path = _parse_path(m)
         except DuplicateParameter:
             self._refuse(R.DUPLICATE_PARAM)
             return None
+        if len(path.mailbox) > MAX_PATH_OCTETS - 2:
+            self._refuse(R.PATH_TOO_LONG)
+            return None
+        return path
+
+    def _rcpt(self, arg: str | None) -> Event | None:
+        envelope = self.envelope
+        assert envelope is not None
+        path = self._path(RCPT_ARGS, arg, R.SYNTAX_RCPT)
+        if path is None:
+            return None
         if path.params:
             # No RCPT parameters are advertised (no DSN), so any is unrecognized.
             self._refuse(R.UNKNOWN_PARAM)
-            return None
-        if len(path.mailbox) > MAX_PATH_OCTETS - 2:
-            self._refuse(R.PATH_TOO_LONG)
             return None
         if not envelope.smtputf8 and not path.mailbox.isascii():
             self._refuse(R.NON_ASCII_RECIPIENT)
@@ -549,7 +550,9 @@ class ServerConnection:
         self._reply(R.START_DATA)
         return None
 
-    def _bdat(self, arg: str | None) -> Event | None:
+    def _bdat(self, arg: str | None, refusal: Reply | None = None) -> Event | None:
+        """Start reading a BDAT chunk; with ``refusal`` (out of sequence) it is drained and
+        then refused, as is a chunk that would take the message over the size limit."""
         m = _BDAT_ARGS.fullmatch(arg or "")
         if m is None:
             # Without a valid size the chunk cannot be skipped: the stream is lost.
@@ -559,25 +562,12 @@ class ServerConnection:
         size = int(m.group(1))
         self._bdat_last = m.group(2) is not None
         max_size = self.policy.max_size
-        keep = not (max_size and self._bdat_size + size > max_size)
-        if keep:
+        if refusal is None and max_size and self._bdat_size + size > max_size:
+            refusal = R.size_exceeded(max_size)
+        if refusal is None:
             self._bdat_size += size
-        else:
-            # Over the limit: the chunk is drained without being kept, then refused.
-            self._bdat_refusal = R.size_exceeded(max_size)
-        self._bdat_reader = BdatReader(size, keep=keep)
-        self.mode = Mode.BDAT
-        return None
-
-    def _bdat_drain(self, arg: str | None, refusal: Reply) -> Event | None:
-        m = _BDAT_ARGS.fullmatch(arg or "")
-        if m is None:
-            self._reply(R.SYNTAX_BDAT)
-            self.close(R.too_many_errors(self.policy.hostname))
-            return None
-        self._bdat_last = m.group(2) is not None
         self._bdat_refusal = refusal
-        self._bdat_reader = BdatReader(int(m.group(1)), keep=False)
+        self._bdat_reader = BdatReader(size, keep=refusal is None)
         self.mode = Mode.BDAT
         return None
 

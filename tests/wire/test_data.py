@@ -136,13 +136,13 @@ def test_bdat_reader_counts_octets_and_drains() -> None:
     buf = bytearray(b"ab")
     assert reader.read(buf) is None
     buf += b"c\r\n.QUIT"
-    assert reader.read(buf) == (b"abc\r\n",)
+    assert reader.read(buf) == b"abc\r\n"
     assert bytes(buf) == b".QUIT"
     drain = BdatReader(4, keep=False)
     buf = bytearray(b"ab")
     assert drain.read(buf) is None and buf == b""
     buf += b"cdNOOP"
-    assert drain.read(buf) == (None,) and bytes(buf) == b"NOOP"
+    assert drain.read(buf) == b"" and bytes(buf) == b"NOOP"
 
 
 @settings(max_examples=400, deadline=None)
