@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from loadgen.tls import client_ssl_context
+from mailstorm.netstream import RECEIVE_SIZE
 from smtpwire.client import (
     ClientConfig,
     ClientConnection,
@@ -208,7 +209,7 @@ class BlockingSession:
                     if conn.wants_to_send:
                         sock.sendall(conn.data_to_send(self.clock()))
                     else:
-                        data = sock.recv(65536)
+                        data = sock.recv(RECEIVE_SIZE)
                         conn.receive_data(data, self.clock())
                 except TimeoutError as exc:
                     phase = conn.pending_phase or "session"

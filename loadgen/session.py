@@ -28,7 +28,7 @@ import trio
 from loadgen.config import LoadConfig
 from loadgen.stats import RunStats
 from loadgen.workload import MessageFactory
-from mailstorm.netstream import SocketTransport
+from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
 from smtpwire.client import (
     ClientConfig,
     ClientConnection,
@@ -43,8 +43,6 @@ from smtpwire.client import (
 
 __all__ = ["LoadSession", "SessionContext"]
 
-#: Bytes asked for per read: replies are small, but a pipelined group's replies come together.
-RECEIVE_SIZE = 65536
 #: Linux: bind a source address without picking a port until connect(), so the port can be
 #: shared across destinations (the 4-tuple must be unique, not the port).
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -261,10 +259,6 @@ class LoadSession:
         # One clock reading per write and per read: the write's stamps the commands it
         # carries, the read's stamps the replies, and either serves for the next deadline.
         now = self.now
-        # Right after a write the server cannot have answered yet: wait for readability
-        # instead of trying a recv() that would only fail with EAGAIN.
-        plain = stream if type(stream) is SocketTransport else None
-        just_sent = False
         while True:
             event = conn.next_event()
             if event is None:
@@ -273,16 +267,10 @@ class LoadSession:
                     if now + timeout - scope.deadline > slack:
                         scope.deadline = now + timeout
                     await stream.send_all(conn.data_to_send(now))
-                    just_sent = True
                 else:
                     if now + timeout - scope.deadline > slack:
                         scope.deadline = now + timeout
-                    data: bytes | bytearray
-                    if just_sent and plain is not None:
-                        data = await plain.receive_when_ready(RECEIVE_SIZE)
-                    else:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    just_sent = False
+                    data = await stream.receive_some(RECEIVE_SIZE)
                     now = self.now = current_time()
                     conn.receive_data(data, now)
             elif type(event) is PhaseDone:

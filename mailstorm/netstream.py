@@ -6,6 +6,10 @@ recv system calls themselves. Here a read or write that can complete at once doe
 yielding, and only an operation that would block waits, with ``trio.lowlevel.wait_readable`` /
 ``wait_writable``, which are ordinary trio waits (cancellable, so timeouts and shutdown work).
 
+After a write, the peer is only now reading what was sent, so its answer cannot be there
+yet: the next read waits for readability first instead of trying a recv() that would only
+fail with EAGAIN (a wasted system call and exception on every request/response turn).
+
 Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
 could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
 once. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
@@ -31,7 +35,7 @@ FAIRNESS_READS = 16
 class SocketTransport(trio.abc.Stream):
     """A ``trio.abc.Stream`` over a connected, non-blocking stdlib socket it owns."""
 
-    __slots__ = ("_eager_reads", "_sock")
+    __slots__ = ("_eager_reads", "_just_sent", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -39,6 +43,7 @@ class SocketTransport(trio.abc.Stream):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._eager_reads = 0
+        self._just_sent = False
 
     @property
     def socket(self) -> socket.socket:
@@ -54,6 +59,7 @@ class SocketTransport(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._sock
+        self._just_sent = True
         try:
             sent = sock.send(data)
         except BlockingIOError:
@@ -78,7 +84,11 @@ class SocketTransport(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         sock = self._sock
         size = max_bytes or RECEIVE_SIZE
-        if self._eager_reads >= FAIRNESS_READS:
+        if self._just_sent:
+            self._just_sent = False
+            self._eager_reads = 0
+            await trio.lowlevel.wait_readable(sock)
+        elif self._eager_reads >= FAIRNESS_READS:
             self._eager_reads = 0
             await trio.lowlevel.checkpoint()
         while True:
@@ -99,23 +109,6 @@ class SocketTransport(trio.abc.Stream):
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-
-    async def receive_when_ready(self, max_bytes: int | None = None) -> bytes:
-        """Wait until the socket is readable, then receive.
-
-        For a caller that has just sent a reply and knows the answer cannot be there yet: a
-        recv() first would only fail with EAGAIN (a wasted system call and exception).
-        """
-        sock = self._sock
-        self._eager_reads = 0
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return sock.recv(max_bytes or RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def aclose(self) -> None:
         self.close()

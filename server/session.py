@@ -178,22 +178,15 @@ class Session:
         while True:
             event = conn.next_event()
             if event is NeedData:
-                replied = await self._flush()
+                await self._flush()
                 if self.stopping and not conn.in_transaction:
                     conn.close(R.shutting_down(ctx.policy.hostname))
                     continue
                 timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
                 self.idle_deadline = trio.current_time() + timeout
                 self._waiting_for_input = True
-                data: bytes | bytearray
                 try:
-                    stream = self.stream
-                    if replied and type(stream) is SocketTransport:
-                        # The peer is only now reading our reply: its next bytes cannot be
-                        # here yet, so skip the recv() that would fail with EAGAIN.
-                        data = await stream.receive_when_ready(RECEIVE_SIZE)
-                    else:
-                        data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 finally:
                     self._waiting_for_input = False
                 conn.receive_data(data)
@@ -210,13 +203,10 @@ class Session:
                 await self._flush()
                 return
 
-    async def _flush(self) -> bool:
-        """Send the pending replies; True if there were any."""
+    async def _flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
             await self.stream.send_all(data)
-            return True
-        return False
 
     async def _goodbye(self, reply: Reply) -> None:
         """Send a last 421, shielded and bounded, if the connection still works."""
