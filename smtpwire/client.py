@@ -340,6 +340,7 @@ class ClientConnection:
         "_msg_content",
         "_msg_head",
         "_msg_rcpts",
+        "_msg_whole",
         "_next_rcpt",
         "_out",
         "_parser",
@@ -379,6 +380,8 @@ class ClientConnection:
         self._msg_rcpts: Sequence[str] = ()
         self._next_rcpt = 0
         self._msg_head = b""
+        #: Head and content joined once per message, only when BDAT chunks split them.
+        self._msg_whole: memoryview | None = None
         self._msg_content = b""
         self._bdat_pos = 0
 
@@ -487,6 +490,7 @@ class ClientConnection:
         self._msg_rcpts = rcpts
         self._msg_head = head
         self._msg_content = payload.raw if self.config.chunking else payload.stuffed
+        self._msg_whole = None
         self._bdat_pos = 0
         self._command(self._mail_command(mail_from, rcpts, payload, len(head)), _MAIL)
         if self.pipelining:
@@ -538,18 +542,22 @@ class ClientConnection:
         pos = self._bdat_pos
         chunk = self.config.chunk_size
         out = self._out
+        whole = self._msg_whole
         if chunk and size - pos > chunk:
-            # Only split content (rare, --chunk-size) pays for a joined copy of it.
-            whole = head + content
+            # Only split content (rare, --chunk-size) pays for a joined copy of it, made once
+            # per message: joining per chunk made a large message cost size^2 / chunk.
+            if whole is None:
+                whole = self._msg_whole = memoryview(head + content)
             out.append(b"BDAT %d\r\n" % chunk)
-            out.append(whole[pos : pos + chunk])
+            out.append(bytes(whole[pos : pos + chunk]))
             self._bdat_pos = pos + chunk
             self._expect.append(_BDAT)
             self._unstamped += 1
             return False
         out.append(b"BDAT %d LAST\r\n" % (size - pos))
         if pos:
-            out.append((head + content)[pos:])
+            assert whole is not None
+            out.append(bytes(whole[pos:]))
         else:
             if head:
                 out.append(head)
@@ -809,5 +817,6 @@ class ClientConnection:
             MessageDone(self._eod_ok > 0, self._accepted, self._fail_phase, self._fail_reply)
         )
         self._msg_head = b""
+        self._msg_whole = None
         self._msg_content = b""
         self._msg_rcpts = ()
