@@ -21,7 +21,7 @@ from typing import Any
 
 from . import drivers, measure, servers
 from .connect_storm import connect_storm
-from .drivers import LOADGEN_UNAVAILABLE, DriverResult, LoadgenStatus, Scenario
+from .drivers import DriverResult, Scenario
 
 __all__ = ["Settings", "run_bench"]
 
@@ -86,9 +86,8 @@ def _revision() -> str:
     return f"{head} with uncommitted changes" if dirty else head
 
 
-def _drivers_status(wanted: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], LoadgenStatus]:
+def _drivers_status(wanted: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     status: dict[str, dict[str, Any]] = {}
-    loadgen = LoadgenStatus(False, "not requested")
     if "smtp-source" in wanted:
         path = drivers.smtp_source_path()
         status["smtp-source"] = {
@@ -96,18 +95,17 @@ def _drivers_status(wanted: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]],
             "reason": None if path else "Postfix smtp-source not found (apt-get install postfix)",
         }
     if "mailstorm load" in wanted:
-        loadgen = drivers.loadgen_status()
-        status["mailstorm load"] = {"available": loadgen.available, "reason": loadgen.reason}
-    return status, loadgen
+        # Part of this repository: always there, and a failing run is a problem to report.
+        status["mailstorm load"] = {"available": True, "reason": None}
+    return status
 
 
 def _drive(
-    driver: str, scenario: Scenario, port: int, json_path: Path, timeout: float,
-    loadgen: LoadgenStatus,
+    driver: str, scenario: Scenario, port: int, json_path: Path, timeout: float
 ) -> DriverResult:
     if driver == "smtp-source":
         return drivers.run_smtp_source(scenario, port, timeout)
-    return drivers.run_mailstorm_load(scenario, port, json_path, timeout, loadgen.extra_flags)
+    return drivers.run_mailstorm_load(scenario, port, json_path, timeout)
 
 
 def _run_record(
@@ -152,7 +150,7 @@ def _r(value: float | None, digits: int) -> float | None:
 
 def _throughput_run(
     settings: Settings, workdir: Path, scenario: Scenario, server: str, driver: str,
-    rep: int, loadgen: LoadgenStatus,
+    rep: int,
 ) -> dict[str, Any]:
     """Start a fresh server, run one driver against it, stop it, check the counts."""
     label = f"{scenario.name}-{server}-{driver.replace(' ', '-')}-r{rep}"
@@ -165,7 +163,7 @@ def _throughput_run(
     try:
         cpu_before = measure.cpu_seconds(running.pid)
         result = _drive(driver, scenario, running.port, workdir / f"{label}.json",
-                        settings.run_timeout, loadgen)
+                        settings.run_timeout)
         time.sleep(SETTLE)
         cpu = measure.cpu_seconds(running.pid) - cpu_before
         peak = measure.peak_rss_kib(running.pid)
@@ -189,7 +187,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _throughput(
     settings: Settings, workdir: Path, specs: dict[str, servers.ServerSpec],
-    driver_status: dict[str, dict[str, Any]], loadgen: LoadgenStatus,
+    driver_status: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Every (scenario, server, driver) entry, with its runs and medians (or why skipped)."""
     entries: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -208,37 +206,14 @@ def _throughput(
                     entry = entries[scenario.name, server, driver]
                     if entry["skipped"]:
                         continue
-                    record = _throughput_run(settings, workdir, scenario, server, driver, rep,
-                                             loadgen)
+                    record = _throughput_run(settings, workdir, scenario, server, driver, rep)
                     entry["runs"].append(record)
                     say(_progress(scenario, server, driver, rep, record))
     for entry in entries.values():
         runs = entry["runs"]
         entry["median"] = _summary(runs) if runs else None
         entry["count_ok"] = bool(runs) and all(run["count_ok"] for run in runs)
-        _mark_loadgen_unavailable(entry)
     return list(entries.values())
-
-
-def _mark_loadgen_unavailable(entry: dict[str, Any]) -> None:
-    """A loadgen whose CLI refused every run is 'unavailable', not a count mismatch."""
-    runs = entry["runs"]
-    if entry["driver"] != "mailstorm load" or not runs:
-        return
-    reasons = [p for run in runs for p in run["problems"] if p.startswith(LOADGEN_UNAVAILABLE)]
-    if len(reasons) >= len(runs) and all(run["delivered"] is None for run in runs):
-        entry["skipped"] = reasons[0]
-
-
-def _loadgen_refused(result: dict[str, Any]) -> None:
-    """When every mailstorm load run was refused by its CLI, mark the driver unavailable."""
-    status = result["drivers"].get("mailstorm load")
-    entries = [e for e in result["throughput"] if e["driver"] == "mailstorm load"]
-    if not status or not status["available"] or not entries:
-        return
-    if all(str(e["skipped"]).startswith(LOADGEN_UNAVAILABLE) for e in entries):
-        status["available"] = False
-        status["reason"] = entries[0]["skipped"]
 
 
 def _skip_reason(spec: servers.ServerSpec, driver: dict[str, Any]) -> str | None:
@@ -344,7 +319,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     workdir = settings.out / "tmp" / started.strftime("%Y-%m-%dT%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     specs = servers.discover_servers(settings.servers)
-    driver_status, loadgen = _drivers_status(settings.drivers)
+    driver_status = _drivers_status(settings.drivers)
     for spec in specs.values():
         state = (spec.version or "available") if spec.available else f"SKIPPED, {spec.reason}"
         say(f"server {spec.name}: {state}")
@@ -365,10 +340,9 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         "drivers": driver_status,
         "logs": str(workdir.relative_to(settings.out)),
     }
-    result["throughput"] = _throughput(settings, workdir, specs, driver_status, loadgen)
+    result["throughput"] = _throughput(settings, workdir, specs, driver_status)
     result["connect_storm"] = _storms(settings, workdir, specs) if settings.storm_clients else []
     result["idle_sessions"] = _idles(settings, workdir, specs) if settings.idle_sessions else []
-    _loadgen_refused(result)
     result["problems"] = _problems(result)
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     result["duration_s"] = round(time.monotonic() - clock, 1)
