@@ -262,11 +262,14 @@ class FakeServer:
     pipelined_groups: int = 0
     #: The client address of every connection.
     peers: list[str] = field(default_factory=list)
+    #: trio clock reading at each accepted connection.
+    connected_at: list[float] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        self.connected_at.append(trio.current_time())
         self.peers.append(stream.socket.getpeername()[0])
         b = self.behavior
         buf = bytearray()

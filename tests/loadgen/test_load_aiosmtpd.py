@@ -65,8 +65,9 @@ async def test_open_loop_tracks_the_rate(
     # Exactly the messages due in the window are sent: rate * duration.
     assert stats.attempted == 80
     assert stats.delivered == server.handler.messages == 80
-    # Loose: the achieved rate follows --rate, whatever the machine's speed.
-    assert 0.5 * rate < stats.msg_rate < 1.5 * rate
+    # Open loop, not a burst: the last message is due at 79 / 40 s and cannot end earlier.
+    # (A lower bound only: a slow machine makes it easier, never flaky.)
+    assert stats.elapsed >= (stats.attempted - 1) / rate
     assert len(stats.timeline.delivered) >= 2
 
 

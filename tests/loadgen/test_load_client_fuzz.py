@@ -101,6 +101,7 @@ def test_client_survives_a_mostly_correct_server(config: ClientConfig, data: st.
     conn.connection_made(0.0)
     payload = Payload(b"Subject: x\r\n\r\n.dot\r\nbody\r\n")
     started = delivered = 0
+    ended = False
     # AUTH LOGIN asks twice (username, password) before the verdict; PLAIN answers at once.
     auth_steps = [b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n"]
     if config.auth_mech == "PLAIN":
@@ -108,25 +109,27 @@ def test_client_survives_a_mostly_correct_server(config: ClientConfig, data: st.
     for step in range(80):
         conn.data_to_send(float(step))
         while (event := conn.next_event()) is not None:
-            if event is Ready:
-                if started < 3:
-                    started += 1
-                    conn.start_message("a@b", ["c@d", "e@f"], payload)
-                else:
-                    conn.quit()
-            elif event is StartTLS:
+            if event is StartTLS:
                 conn.tls_started()
             elif isinstance(event, SessionFailed) or event is Closed:
-                return
+                ended = True
+                break
             elif isinstance(event, MessageDone):
                 delivered += event.delivered
             else:
-                assert isinstance(event, PhaseDone), event
+                assert event is Ready or isinstance(event, PhaseDone), event
+        if ended:
+            break
+        if conn.is_ready:  # after the greeting, and after each MessageDone (as LoadSession)
+            if started < 3:
+                started += 1
+                conn.start_message("a@b", ["c@d", "e@f"], payload)
+            else:
+                conn.quit()
         if conn.wants_to_send:
             continue
         phase = conn.pending_phase
-        if phase is None:
-            break  # nothing outstanding: the session is over
+        assert phase is not None, "the client waits for nothing but has not ended"
         if data.draw(st.integers(0, 24), label="fault?") == 0:
             reply = data.draw(st.sampled_from(_REPLIES) | st.binary(max_size=30), label="fault")
         elif phase == "auth":
@@ -140,4 +143,6 @@ def test_client_survives_a_mostly_correct_server(config: ClientConfig, data: st.
         for piece in (reply[:cut], reply[cut:]) if reply else (b"",):
             if piece or not reply:
                 conn.receive_data(piece, float(step))
+    # Three messages and a QUIT fit well within the steps: every session ends.
+    assert ended
     assert delivered <= started

@@ -68,8 +68,9 @@ async def test_closed_loop_ramp_up_staggers_sessions(
         stats = await run_load(config)
     assert stats.delivered == server.delivered > 0
     assert server.connections == 4
-    # The first session was alone for a while: the first second delivered something, and
-    # nothing failed while sessions joined.
+    # Starts are staggered over the ramp (offsets 0, 0.15, 0.3, 0.45 s): the connections
+    # cannot come much closer together than that, however slow the machine.
+    assert max(server.connected_at) - min(server.connected_at) >= 0.2
     assert stats.timeline.delivered[0] > 0 and stats.failed == 0
 
 
