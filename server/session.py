@@ -25,7 +25,14 @@ import trio
 
 from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
 from smtpwire import reply_table as R
-from smtpwire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
+from smtpwire.events import (
+    AuthAttempt,
+    Closed,
+    MessageReceived,
+    MessageRefused,
+    NeedData,
+    StartTLS,
+)
 from smtpwire.replies import Reply
 from smtpwire.server import ServerConnection, SessionPolicy
 
@@ -192,6 +199,8 @@ class Session:
                 conn.receive_data(data)
             elif type(event) is MessageReceived:
                 await self._deliver(event)
+            elif type(event) is MessageRefused:
+                ctx.stats.messages_refused += 1
             elif type(event) is AuthAttempt:
                 await self._check_credentials(event)
             elif type(event) is StartTLS:

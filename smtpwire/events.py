@@ -15,6 +15,7 @@ __all__ = [
     "Envelope",
     "Event",
     "MessageReceived",
+    "MessageRefused",
     "NeedData",
     "StartTLS",
 ]
@@ -73,6 +74,16 @@ class MessageReceived(Event):
     envelope: Envelope
     #: The exact unstuffed content, CRLF line endings, ending in CRLF (or empty).
     content: bytes
+
+
+@dataclass(slots=True)
+class MessageRefused(Event):
+    """A complete message was refused by policy; its 5xx is already queued. Nothing to answer:
+    the event is there so the driver can count refusals (only the core sees them)."""
+
+    envelope: Envelope
+    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values).
+    reason: str
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ from .events import (
     Envelope,
     Event,
     MessageReceived,
+    MessageRefused,
     NeedData,
     StartTLS,
 )
@@ -409,10 +410,12 @@ class ServerConnection:
             if refusal.code == 552:
                 # RFC 3030 2: after a 5xx to a chunk the client sends no more of this message;
                 # the transaction is over, and any further chunk is out of sequence.
+                envelope = self.envelope
                 self._reset_transaction()
                 self._reply(refusal)
-            else:
-                self._refuse(refusal)
+                assert envelope is not None
+                return MessageRefused(envelope, DataFailure.TOO_BIG.value)
+            self._refuse(refusal)
             return None
         self._bdat_chunks.append(chunk)
         if not self._bdat_last:
@@ -574,13 +577,15 @@ class ServerConnection:
     def _finish_message(self, content: bytes | None, failure: DataFailure | None) -> Event | None:
         envelope = self.envelope
         self._reset_transaction()
-        if failure is DataFailure.TOO_BIG:
-            self._reply(R.size_exceeded(self.policy.max_size))
-            return None
-        if failure is DataFailure.BARE_LINEFEED:
-            self._reply(R.BARE_LINEFEED)
-            return None
-        assert envelope is not None and content is not None
+        assert envelope is not None
+        if failure is not None:
+            self._reply(
+                R.BARE_LINEFEED
+                if failure is DataFailure.BARE_LINEFEED
+                else R.size_exceeded(self.policy.max_size)
+            )
+            return MessageRefused(envelope, failure.value)
+        assert content is not None
         return self._park(MessageReceived(envelope, content))
 
     def _rset(self, arg: str | None) -> Event | None:

@@ -147,6 +147,7 @@ async def test_oversize_message_over_the_wire(start_sink, connect) -> None:
     assert reply.startswith("552 5.3.4")
     assert (await send_message(client, dot_stuff(b"ok\r\n"))).startswith("250")
     assert server.stats.messages == 2
+    assert server.stats.messages_refused == 1
 
 
 async def test_storage_failure_gives_451_and_nothing_half_written(
@@ -209,6 +210,7 @@ async def test_bare_lf_reject_policy_over_the_wire(start_sink, connect) -> None:
     assert (await send_message(client, b"bad\nline\r\n.\r\n")).startswith("550 5.6.0")
     assert (await send_message(client, b"good\r\n.\r\n")).startswith("250")
     assert server.stats.messages == 1
+    assert server.stats.messages_refused == 1
 
 
 async def test_bdat_over_the_wire(start_sink, connect, tmp_path: Path) -> None:
