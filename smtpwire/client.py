@@ -347,7 +347,6 @@ class ClientConnection:
         "_recv_now",
         "_stamps",
         "_state",
-        "_unstamped",
         "capabilities",
         "config",
         "pipelining",
@@ -365,8 +364,9 @@ class ClientConnection:
         self._state = _GREETING
         self._out: list[bytes] = []
         self._expect: deque[int] = deque()
+        #: Send times of the commands in ``_expect``, oldest first; the commands queued but
+        #: not yet handed out by ``data_to_send`` are the ones past its end.
         self._stamps: deque[float] = deque()
-        self._unstamped = 0
         self._events: deque[ClientEvent] = deque()
         self._recv_now = 0.0
         self._auth_started = 0.0
@@ -408,9 +408,9 @@ class ClientConnection:
         out = self._out
         if not out:
             return b""
-        if self._unstamped:
-            self._stamps.extend([now] * self._unstamped)
-            self._unstamped = 0
+        unstamped = len(self._expect) - len(self._stamps)
+        if unstamped:
+            self._stamps.extend([now] * unstamped)
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         return data
@@ -519,7 +519,6 @@ class ClientConnection:
     def _command(self, line: bytes, expect: int) -> None:
         self._out.append(line)
         self._expect.append(expect)
-        self._unstamped += 1
 
     def _mail_command(
         self, mail_from: str, rcpts: Sequence[str], payload: Payload, head_len: int
@@ -552,7 +551,6 @@ class ClientConnection:
             out.append(bytes(whole[pos : pos + chunk]))
             self._bdat_pos = pos + chunk
             self._expect.append(_BDAT)
-            self._unstamped += 1
             return False
         out.append(b"BDAT %d LAST\r\n" % (size - pos))
         if pos:
@@ -564,7 +562,6 @@ class ClientConnection:
             out.append(content)
         self._bdat_pos = size
         self._expect.append(_EOD)
-        self._unstamped += 1
         return True
 
     def _send_greeting(self) -> None:
@@ -578,11 +575,10 @@ class ClientConnection:
         self._out.clear()
         self._expect.clear()
         self._stamps.clear()
-        self._unstamped = 0
         self._events.append(SessionFailed(phase, kind, detail))
 
     def _on_reply(self, reply: ParsedReply) -> None:
-        if len(self._expect) - self._unstamped <= 0:
+        if not self._stamps:
             self._fail("protocol", f"unexpected reply {reply.code} with no command outstanding")
             return
         kind = self._expect.popleft()
@@ -741,7 +737,6 @@ class ClientConnection:
                     # must not go out, and a lone "." ends the transaction.
                     self._out.append(_LONE_DOT)
                     self._expect.append(_DISCARD_EOD)
-                self._unstamped += 1
                 return
             if usable:
                 events.append(PhaseDone("data", reply, elapsed, False))
