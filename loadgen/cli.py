@@ -26,6 +26,7 @@ from mailstorm.cliutil import (
     positive_int,
     positive_seconds,
     seconds,
+    value_type,
 )
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--chunk-size",
-        type=parse_size,
+        type=value_type(parse_size),
         default=0,
         metavar="SIZE",
         help="with --chunking, split content into BDAT chunks of at most SIZE",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 
+from mailstorm.cliutil import parse_size as parse_shared_size
 from smtpwire.client import Payload
 
 __all__ = [
@@ -35,19 +36,13 @@ class WorkloadError(ValueError):
     """Bad workload input (size, size mix, template, message files); the text is user-facing."""
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def parse_size(text: str) -> int:
-    """``"512"``, ``"10k"``, ``"1.5m"``, ``"1MiB"`` to bytes (k, m, g are powers of 1024)."""
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise WorkloadError(f"bad size {text!r}: expected a number of bytes like 512, 10k or 1m")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if size <= 0:
-        raise WorkloadError(f"bad size {text!r}: must be at least 1 byte")
-    return size
+    """A message or chunk size (at least one byte), as ``mailstorm.cliutil.parse_size`` reads
+    it; errors are WorkloadErrors like the rest of the workload's."""
+    try:
+        return parse_shared_size(text, minimum=1)
+    except ValueError as exc:
+        raise WorkloadError(str(exc)) from None
 
 
 def parse_size_mix(text: str) -> list[tuple[int, float]]:

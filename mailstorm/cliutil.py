@@ -8,6 +8,7 @@ It never reads configuration files and never prints anything but errors.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -15,6 +16,7 @@ from typing import NoReturn, TypeVar
 __all__ = [
     "OneLineErrorParser",
     "non_negative_int",
+    "parse_size",
     "positive_int",
     "positive_seconds",
     "raise_open_files_limit",
@@ -43,6 +45,24 @@ def value_type(parse: Callable[[str], T]) -> Callable[[str], T]:
 
     parse_arg.__name__ = getattr(parse, "__name__", "value")
     return parse_arg
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str, *, minimum: int = 0) -> int:
+    """A byte count: ``"512"``, ``"10k"``, ``"1.5m"``, ``"1MiB"`` (k, m, g are powers of 1024).
+
+    Raises ValueError with a message for the user; wrap with ``value_type`` for argparse.
+    """
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"bad size {text!r}: expected a number of bytes like 512, 10k or 1m")
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if size < minimum:
+        raise ValueError(f"bad size {text!r}: must be at least {minimum} byte(s)")
+    return size
 
 
 def _whole_number(text: str, minimum: int) -> int:

@@ -17,6 +17,7 @@ import trio
 from mailstorm.cliutil import (
     OneLineErrorParser,
     non_negative_int,
+    parse_size,
     positive_int,
     raise_open_files_limit,
     seconds,
@@ -34,7 +35,6 @@ from .config import (
     Address,
     SinkConfig,
     parse_address,
-    parse_size,
 )
 from .workers import WorkerSupervisor, reserve_ports
 

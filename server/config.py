@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from smtpwire.data import BareLinefeedPolicy
 
-__all__ = ["Address", "SinkConfig", "parse_address", "parse_size"]
+__all__ = ["Address", "SinkConfig", "parse_address"]
 
 # RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
 DEFAULT_COMMAND_TIMEOUT = 300.0
@@ -21,8 +21,6 @@ DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 10_000
 
 _ADDRESS = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
-_SIZE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]i?b?|b)?", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +44,6 @@ def parse_address(text: str) -> Address:
     if not host:
         raise ValueError(f"bad address {text!r}: the host is missing (use 0.0.0.0 for all)")
     return Address(host, port)
-
-
-def parse_size(text: str) -> int:
-    """A byte count: ``10485760``, ``10m``, ``512k``, ``1.5MiB`` (binary units)."""
-    m = _SIZE.fullmatch(text.strip())
-    if m is None:
-        raise ValueError(f"bad size {text!r}: expected a number of bytes like 10485760 or 10m")
-    unit = (m.group("unit") or "")[:1].lower()
-    return int(float(m.group("n")) * _UNITS[unit])
 
 
 @dataclass(frozen=True, slots=True)
