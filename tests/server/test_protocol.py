@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 from server import Address, SinkConfig, SinkServer
 from smtpwire.data import dot_stuff, normalize_line_endings
 
+# The trace ends with the Received header's date (RFC 5322 form). Matching up to it, rather
+# than "header lines and their TAB continuations", keeps a body that starts with a TAB whole.
 _TRACE_END = re.compile(
-    rb"\A(?:Return-Path:[^\r\n]*\r\n)(?:Received:[^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*)"
+    rb"\AReturn-Path:[^\r\n]*\r\nReceived: .*?;(?: |\r\n\t)"
+    rb"[A-Z][a-z]{2}, \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n",
+    re.DOTALL,
 )
 
 
