@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from loadgen.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean
 
-__all__ = ["FailIfError", "FailIfExpression", "parse_fail_if"]
+__all__ = ["FailIfError", "FailIfExpression"]
 
 
 class FailIfError(ValueError):
@@ -335,10 +335,6 @@ class FailIfExpression:
         """Whether the run fails the gate, and one line per comparison saying why."""
         explain: list[str] = []
         return self._root.evaluate(stats, explain), explain
-
-
-def parse_fail_if(text: str) -> FailIfExpression:
-    return FailIfExpression(text)
 
 
 def _count_metric(name: str, stats: RunStats) -> float:

@@ -71,19 +71,17 @@ def session_start_offset(index: int, sessions: int, ramp_up: float) -> float:
 class MessageTickets:
     """Hands each free session the number of the next message and the time it was due.
 
-    ``take`` returns ``(n, due)`` or None when the run is over (``messages`` reached, the
-    duration passed, or ``stop`` was called). Message numbers are global across processes.
+    ``take`` returns ``(n, due)`` or None when the run is over (``messages`` reached or the
+    duration passed). Message numbers are global across processes.
     """
 
     __slots__ = (
         "_next",
-        "_stopped",
         "deadline",
         "duration",
         "messages",
         "schedule",
         "start",
-        "worker",
         "workers",
     )
 
@@ -102,28 +100,13 @@ class MessageTickets:
         self.duration = duration
         self.deadline = start + duration if duration is not None else math.inf
         self.schedule = schedule
-        self.worker = worker
         self.workers = workers
+        # Worker w takes messages w, w + workers, ...: one global numbering across processes.
         self._next = worker
-        self._stopped = False
-
-    def stop(self) -> None:
-        """No more messages: sessions finish what they have and quit."""
-        self._stopped = True
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
-    def _claim(self) -> int | None:
-        n = self._next
-        if self._stopped or (self.messages is not None and n >= self.messages):
-            return None
-        return n
 
     async def take(self) -> tuple[int, float] | None:
-        n = self._claim()
-        if n is None:
+        n = self._next
+        if self.messages is not None and n >= self.messages:
             return None
         schedule = self.schedule
         if schedule is None:

@@ -164,9 +164,6 @@ class PhaseHistograms:
             self._hists[phase].add(HdrHistogram.decode(text.encode("ascii")))
         return self
 
-    def total_count(self) -> int:
-        return sum(h.get_total_count() for h in self.by_phase.values())
-
 
 class Timeline:
     """Per-second counts since the start of the run: delivered messages, bytes, failures."""

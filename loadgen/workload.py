@@ -180,14 +180,14 @@ class MessageFactory:
         mail_from: str = "loadgen@mailstorm.test",
         rcpt_to: str = "user{r}@mailstorm.test",
         rcpts: int = 1,
-        run_id: str | None = None,
     ) -> None:
         if rcpts < 1:
             raise WorkloadError("--rcpts must be at least 1")
         self.from_template = AddressTemplate(mail_from)
         self.to_template = AddressTemplate(rcpt_to)
         self.rcpt_count = rcpts
-        self.run_id = run_id or f"{os.getpid():x}{int(time.time() * 1000):x}"
+        # Message-IDs stay unique across runs and worker processes.
+        self.run_id = f"{os.getpid():x}{int(time.time() * 1000):x}"
         self.replay = bool(eml_paths)
         self._date_second = -1
         self._date = ""
