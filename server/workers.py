@@ -187,7 +187,9 @@ class WorkerSupervisor:
                 self._processes[index] = None
                 self._retire(index)
             if self.stopping:
-                if status != 0:
+                # -SIGTERM: our own SIGTERM reached a worker still starting, before its signal
+                # handler was in place. It served no one yet, so that is the stop we asked for.
+                if status not in (0, -signal.SIGTERM):
                     self._failed_exit = True
                 return
             if not self._ready[index].is_set():

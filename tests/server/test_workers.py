@@ -90,3 +90,26 @@ def test_workers_report_a_port_in_use_as_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         f"python -m server: error: cannot listen on 127.0.0.1:{port}: address already in use"
     )
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+def test_stopping_while_a_worker_restarts_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM arriving while a crashed worker is being restarted (so the new one may not
+    handle signals yet) still ends the supervisor cleanly, with exit status 0."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "server", "--workers", "2", "--listen", "127.0.0.1:0"],
+            stderr=stderr, start_new_session=True,
+        )
+    try:
+        pids = [int(p) for p in _wait_for(log, r"2 workers serving \(pids (\d+), (\d+)\)")
+                .groups()]
+        os.kill(pids[0], signal.SIGKILL)
+        _wait_for(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
+        sink.send_signal(signal.SIGTERM)  # the replacement is most likely still starting
+        assert sink.wait(timeout=PROCESS_TIMEOUT) == 0, log.read_text()
+    finally:
+        if sink.poll() is None:
+            os.killpg(sink.pid, signal.SIGKILL)
+            sink.wait()
