@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it.
 # Used verbatim by the README's test command and by .ci/run.
-#   - Debian packages: swaks, curl, Postfix (only for its smtp-source/smtp-sink tools; the
-#     Postfix MTA is never started), chromium (renders the load generator's HTML report).
+#   - Debian packages: swaks (with its TLS modules), curl, Postfix (only for its
+#     smtp-source/smtp-sink tools; the Postfix MTA is never started), chromium (renders the
+#     load generator's HTML report).
 #   - Python: this project with its "test" extra, editable.
 # Extra arguments are passed to pytest.
 set -euo pipefail
@@ -10,6 +11,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v swaks >/dev/null || need+=(swaks)
+# swaks speaks TLS (STARTTLS, smtps) only with these Perl modules, which are mere
+# recommendations of the swaks package and so skipped by --no-install-recommends.
+perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v curl >/dev/null || need+=(curl)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v chromium >/dev/null || need+=(chromium)
