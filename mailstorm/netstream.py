@@ -24,6 +24,8 @@ import socket
 
 import trio
 
+from .readiness import Readiness, ReadinessHub
+
 __all__ = ["RECEIVE_SIZE", "SocketTransport"]
 
 #: Bytes asked of the kernel per receive: a whole pipelined group or a large DATA block.
@@ -35,15 +37,19 @@ FAIRNESS_READS = 16
 class SocketTransport(trio.abc.Stream):
     """A ``trio.abc.Stream`` over a connected, non-blocking stdlib socket it owns."""
 
-    __slots__ = ("_eager_reads", "_just_sent", "_sock")
+    __slots__ = ("_eager_reads", "_hub", "_just_sent", "_readiness", "_sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, hub: ReadinessHub | None = None) -> None:
         sock.setblocking(False)
         # Replies (and pipelined command groups) must not wait for Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._eager_reads = 0
         self._just_sent = False
+        #: With a hub, readiness comes from its edge-triggered epoll set (see
+        #: ``mailstorm.readiness``); without one, from trio's own waits.
+        self._hub = hub
+        self._readiness = hub.register(sock) if hub is not None else None
 
     @property
     def socket(self) -> socket.socket:
@@ -70,7 +76,7 @@ class SocketTransport(trio.abc.Stream):
             return  # the usual case: the whole write fit in the socket buffer
         view = memoryview(data)[sent:]
         while view:
-            await trio.lowlevel.wait_writable(sock)
+            await self._wait_writable()
             try:
                 view = view[sock.send(view) :]
             except BlockingIOError:
@@ -79,15 +85,24 @@ class SocketTransport(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self._sock)
+        if self._readiness is None:
+            await trio.lowlevel.wait_writable(self._sock)
+        else:
+            # An edge-triggered set only reports space after a send fell short; "might not
+            # block" allows returning now, and send_all waits properly if it must.
+            await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         sock = self._sock
         size = max_bytes or RECEIVE_SIZE
+        readiness = self._readiness
         if self._just_sent:
             self._just_sent = False
             self._eager_reads = 0
-            await trio.lowlevel.wait_readable(sock)
+            if readiness is None:
+                await trio.lowlevel.wait_readable(sock)
+            elif not readiness.readable:
+                await self._wait_readable(readiness)
         elif self._eager_reads >= FAIRNESS_READS:
             self._eager_reads = 0
             await trio.lowlevel.checkpoint()
@@ -96,17 +111,41 @@ class SocketTransport(trio.abc.Stream):
                 data = sock.recv(size)
             except BlockingIOError:
                 self._eager_reads = 0
-                await trio.lowlevel.wait_readable(sock)
+                if readiness is None:
+                    await trio.lowlevel.wait_readable(sock)
+                else:
+                    readiness.readable = False
+                    await self._wait_readable(readiness)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if readiness is not None and len(data) < size:
+                # Drained: the next arrival is a new edge, seen by the hub.
+                readiness.readable = False
             self._eager_reads += 1
             return data
+
+    async def _wait_readable(self, readiness: Readiness) -> None:
+        hub = self._hub
+        assert hub is not None
+        await hub.wait_readable(readiness)
+
+    async def _wait_writable(self) -> None:
+        readiness = self._readiness
+        if readiness is None:
+            await trio.lowlevel.wait_writable(self._sock)
+        else:
+            hub = self._hub
+            assert hub is not None
+            await hub.wait_writable(readiness)  # only after a send fell short: see send_all
 
     def close(self) -> None:
         """Close now, without the checkpoint ``aclose`` owes (for callers already done)."""
         sock = self._sock
-        if sock.fileno() != -1:
+        fd = sock.fileno()
+        if fd != -1:
+            if self._hub is not None:
+                self._hub.forget(fd)
             trio.lowlevel.notify_closing(sock)
             sock.close()
 

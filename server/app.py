@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import trio
 
 from mailstorm.netstream import SocketTransport
+from mailstorm.readiness import ReadinessHub
 from smtpwire import reply_table as R
 from smtpwire.server import SessionPolicy
 
@@ -151,24 +152,13 @@ class SinkServer:
         self.addresses = [_bound(lst) for lst in plain]
         self.tls_addresses = [_bound(lst) for lst in tls]
         try:
-            async with trio.open_nursery() as sessions:
-                reaper_scope = trio.CancelScope()
-                sessions.start_soon(self._reap_idle_sessions, reaper_scope)
-                async with trio.open_nursery() as services:
-                    self._service_scope = services.cancel_scope
-                    if self._stopping:
-                        services.cancel_scope.cancel()
-                    for listener, implicit_tls in listeners:
-                        services.start_soon(self._accept_loop, listener, implicit_tls, sessions)
-                    if self.config.stats_interval > 0:
-                        services.start_soon(self._report_stats, self.config.stats_interval)
-                    if self.config.report_interval > 0:
-                        services.start_soon(self._report_to_supervisor, self.config.report_interval)
-                    task_status.started(self.addresses + self.tls_addresses)
-                for listener, _ in listeners:
-                    listener.close()
-                await self._drain()
-                reaper_scope.cancel()
+            # The readiness hub serves every session's socket, so it outlives the sessions.
+            async with trio.open_nursery() as hub_nursery:
+                hub = self._ctx.hub = ReadinessHub.create()
+                if hub is not None:
+                    await hub_nursery.start(hub.run)
+                await self._serve_sessions(listeners, task_status)
+                hub_nursery.cancel_scope.cancel()
             if self.config.report_interval > 0:
                 # The final counts: the supervisor's totals are exact after a graceful stop.
                 self._report_counters()
@@ -176,6 +166,31 @@ class SinkServer:
             for listener, _ in listeners:
                 listener.close()
         log.info("stopped: %s", self.stats.interval_line())
+
+    async def _serve_sessions(
+        self,
+        listeners: list[tuple[socket.socket, bool]],
+        task_status: trio.TaskStatus[list[tuple[str, int]]],
+    ) -> None:
+        """Accept and run sessions until shutdown, then drain them."""
+        async with trio.open_nursery() as sessions:
+            reaper_scope = trio.CancelScope()
+            sessions.start_soon(self._reap_idle_sessions, reaper_scope)
+            async with trio.open_nursery() as services:
+                self._service_scope = services.cancel_scope
+                if self._stopping:
+                    services.cancel_scope.cancel()
+                for listener, implicit_tls in listeners:
+                    services.start_soon(self._accept_loop, listener, implicit_tls, sessions)
+                if self.config.stats_interval > 0:
+                    services.start_soon(self._report_stats, self.config.stats_interval)
+                if self.config.report_interval > 0:
+                    services.start_soon(self._report_to_supervisor, self.config.report_interval)
+                task_status.started(self.addresses + self.tls_addresses)
+            for listener, _ in listeners:
+                listener.close()
+            await self._drain()
+            reaper_scope.cancel()
 
     def shutdown(self, *, immediately: bool = False) -> None:
         """Begin a graceful shutdown (idempotent; safe before ``serve`` has started).

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm.readiness import ReadinessHub
 from smtpwire import reply_table as R
 from smtpwire.events import (
     AuthAttempt,
@@ -70,6 +71,8 @@ class SessionContext:
     data_timeout: float
     #: Whether the store keeps messages (then trace headers are built for each one).
     keeps_messages: bool
+    #: Where plain sockets learn readiness (None: through trio's own waits).
+    hub: ReadinessHub | None = None
 
 
 class _QueueIds:
@@ -120,7 +123,7 @@ class Session:
     """
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
-        plain = SocketTransport(sock)
+        plain = SocketTransport(sock, ctx.hub)
         self.peer_ip, self.peer_port = plain.peer()
         #: The session's byte stream: the socket, or an SSLStream over it after TLS starts.
         self.stream: trio.abc.Stream = plain

@@ -1,0 +1,148 @@
+"""Socket readiness for many connections from one edge-triggered epoll set, inside trio.
+
+Why: trio registers a socket with its epoll in one-shot mode, so every wait for input costs an
+``epoll_ctl`` system call to re-arm it plus the bookkeeping around it (a waiter object made and
+dropped). A request/response SMTP session waits four times per message; on the sink's hot path
+that was a tenth of the CPU. Here each socket is registered once, edge-triggered, in an epoll set
+of our own; one task (``ReadinessHub.run``) waits for that set with an ordinary trio wait and
+wakes the tasks whose sockets became ready. A wait is then a flag test and a park.
+
+Edge-triggered rules, which ``SocketTransport`` follows: a socket reports readable once per
+arrival of data, so a reader may only park after the kernel said "nothing there" (EAGAIN or a
+short read); ``Readiness.readable`` remembers an arrival seen while nobody was waiting. A
+writer parks only after a send fell short, and the kernel reports space again after that.
+Spurious wake-ups are harmless: the transport retries the system call and parks again.
+
+Resource handling: the hub's task lives in the nursery of whoever serves the sockets (the
+sink's sessions nursery, the load generator's run) and must outlive every socket registered
+with it; ``forget`` is called before a socket is closed and wakes any task still waiting on
+it with ``trio.ClosedResourceError``. On platforms without epoll there is no hub, and
+``SocketTransport`` waits through trio as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+
+import outcome
+import trio
+
+__all__ = ["Readiness", "ReadinessHub"]
+
+#: Events taken from the epoll set per system call.
+MAX_EVENTS = 1024
+_HAS_EPOLL = hasattr(select, "epoll")
+_READ_EVENTS = (
+    (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
+)
+_WRITE_EVENTS = (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
+_REGISTER_MASK = (
+    (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET) if _HAS_EPOLL else 0
+)
+
+
+class Readiness:
+    """One socket's state in the hub: what arrived unobserved, and who waits."""
+
+    __slots__ = ("read_task", "readable", "write_task")
+
+    def __init__(self) -> None:
+        #: Data arrived (or the peer closed) since a reader last found the socket drained.
+        self.readable = True
+        self.read_task: trio.lowlevel.Task | None = None
+        self.write_task: trio.lowlevel.Task | None = None
+
+
+class ReadinessHub:
+    """An edge-triggered epoll set and the task that turns its events into wake-ups."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sockets: dict[int, Readiness] = {}
+
+    @classmethod
+    def create(cls) -> ReadinessHub | None:
+        """A hub, or None where epoll does not exist (the transport then uses trio's waits)."""
+        return cls() if _HAS_EPOLL else None
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def register(self, sock: socket.socket) -> Readiness:
+        fd = sock.fileno()
+        entry = Readiness()
+        self._epoll.register(fd, _REGISTER_MASK)
+        self._sockets[fd] = entry
+        return entry
+
+    def forget(self, fd: int) -> None:
+        """Drop a socket before it is closed; whoever still waits on it gets ClosedResourceError."""
+        entry = self._sockets.pop(fd, None)
+        if entry is None:
+            return
+        # Closing the socket would drop it from the set too; unregistering first keeps a
+        # reused descriptor number from inheriting anything. The set itself may be closed
+        # already when a session is aborted after the hub stopped (ValueError).
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        for task in (entry.read_task, entry.write_task):
+            if task is not None:
+                trio.lowlevel.reschedule(
+                    task, outcome.Error(trio.ClosedResourceError("socket was closed"))
+                )
+        entry.read_task = entry.write_task = None
+
+    async def wait_readable(self, entry: Readiness) -> None:
+        if entry.read_task is not None:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        entry.read_task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            entry.read_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def wait_writable(self, entry: Readiness) -> None:
+        if entry.write_task is not None:
+            raise trio.BusyResourceError("another task is already writing this socket")
+        entry.write_task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            entry.write_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake waiting tasks as their sockets become ready; runs until cancelled."""
+        epoll = self._epoll
+        sockets = self._sockets
+        reschedule = trio.lowlevel.reschedule
+        wait_readable = trio.lowlevel.wait_readable
+        fd = epoll.fileno()
+        task_status.started()
+        try:
+            while True:
+                await wait_readable(fd)
+                for sock_fd, flags in epoll.poll(0, MAX_EVENTS):
+                    entry = sockets.get(sock_fd)
+                    if entry is None:
+                        continue
+                    if flags & _READ_EVENTS:
+                        task = entry.read_task
+                        if task is None:
+                            entry.readable = True
+                        else:
+                            entry.read_task = None
+                            reschedule(task)
+                    if flags & _WRITE_EVENTS:
+                        task = entry.write_task
+                        if task is not None:
+                            entry.write_task = None
+                            reschedule(task)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            epoll.close()

@@ -1,0 +1,179 @@
+"""SocketTransport over real loopback TCP, with trio's waits and with the edge-triggered hub.
+
+The hub's rules are the risky part (an edge seen while nobody waits must not be lost; a reader
+parks only after the kernel said "nothing there"), so every test runs both ways.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm.readiness import ReadinessHub
+
+pytestmark = pytest.mark.skipif(ReadinessHub.create() is None, reason="needs epoll")
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+@pytest.fixture(params=["hub", "trio"])
+async def hub(request: pytest.FixtureRequest) -> AsyncIterator[ReadinessHub | None]:
+    if request.param == "trio":
+        yield None
+        return
+    hub = ReadinessHub.create()
+    assert hub is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        yield hub
+        nursery.cancel_scope.cancel()
+
+
+async def test_request_response_when_the_answer_is_already_there(hub: ReadinessHub | None) -> None:
+    # The peer answers before the transport starts to wait: with an edge-triggered set the
+    # arrival was reported while nobody waited, and must still wake the next read.
+    mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, hub)
+    with trio.fail_after(10):
+        for i in range(200):
+            await transport.send_all(b"ping %d\r\n" % i)
+            assert peer.recv(100) == b"ping %d\r\n" % i
+            peer.sendall(b"pong %d\r\n" % i)
+            assert await transport.receive_some() == b"pong %d\r\n" % i
+    transport.close()
+    peer.close()
+
+
+async def test_request_response_when_the_answer_comes_later(hub: ReadinessHub | None) -> None:
+    mine, peer = _tcp_pair()
+    peer.setblocking(False)
+    transport = SocketTransport(mine, hub)
+
+    async def answer_each() -> None:
+        for _ in range(200):
+            await trio.lowlevel.wait_readable(peer)
+            line = peer.recv(100)
+            await trio.sleep(0)
+            peer.sendall(line.replace(b"ping", b"pong"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_each)
+            for i in range(200):
+                await transport.send_all(b"ping %d\r\n" % i)
+                assert await transport.receive_some() == b"pong %d\r\n" % i
+    transport.close()
+    peer.close()
+
+
+async def test_large_stream_in_both_directions(hub: ReadinessHub | None) -> None:
+    # 8 MiB each way, far over the socket buffers: reads drain and park, writes fall short
+    # and park, many times over.
+    mine, peer = _tcp_pair()
+    peer_transport = SocketTransport(peer, hub)
+    transport = SocketTransport(mine, hub)
+    blob = bytes(range(256)) * (8 * 4096)
+
+    async def pump(src: SocketTransport, dst: SocketTransport, into: bytearray) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(src.send_all, blob)
+            while len(into) < len(blob):
+                into += await dst.receive_some(RECEIVE_SIZE)
+
+    one, other = bytearray(), bytearray()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, transport, peer_transport, one)
+            nursery.start_soon(pump, peer_transport, transport, other)
+    assert one == blob and other == blob
+    transport.close()
+    peer_transport.close()
+
+
+async def test_end_of_stream(hub: ReadinessHub | None) -> None:
+    mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, hub)
+    await transport.send_all(b"bye\r\n")
+    assert peer.recv(100) == b"bye\r\n"  # unread data would make close() a reset
+    peer.sendall(b"last words")
+    peer.close()
+    with trio.fail_after(10):
+        received = b""
+        while chunk := await transport.receive_some():
+            received += chunk
+    assert received == b"last words"
+    transport.close()
+
+
+async def test_cancelled_wait_leaves_the_transport_usable(hub: ReadinessHub | None) -> None:
+    mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, hub)
+    await transport.send_all(b"hello\r\n")
+    with trio.move_on_after(0.05) as scope:
+        await transport.receive_some()
+    assert scope.cancelled_caught
+    peer.sendall(b"late answer")
+    with trio.fail_after(10):
+        assert await transport.receive_some() == b"late answer"
+    transport.close()
+    peer.close()
+
+
+async def test_close_wakes_a_waiting_reader() -> None:
+    hub = ReadinessHub.create()
+    assert hub is not None
+    mine, peer = _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        transport = SocketTransport(mine, hub)
+        await transport.send_all(b"hello\r\n")
+        outcome: list[type[BaseException]] = []
+
+        async def reader() -> None:
+            try:
+                await transport.receive_some()
+            except trio.ClosedResourceError as exc:
+                outcome.append(type(exc))
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        transport.close()
+        with trio.fail_after(10):
+            while not outcome:
+                await trio.sleep(0.01)
+        assert outcome == [trio.ClosedResourceError]
+        assert len(hub) == 0
+        nursery.cancel_scope.cancel()
+    peer.close()
+
+
+async def test_two_readers_is_a_usage_error() -> None:
+    hub = ReadinessHub.create()
+    assert hub is not None
+    mine, peer = _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        transport = SocketTransport(mine, hub)
+        await transport.send_all(b"hello\r\n")
+
+        async def first_reader() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await transport.receive_some()
+
+        nursery.start_soon(first_reader)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await transport.receive_some()
+        transport.close()
+        nursery.cancel_scope.cancel()
+    peer.close()
