@@ -9,6 +9,7 @@ in each worker).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 
 import trio
@@ -19,6 +20,7 @@ from loadgen.session import LoadSession, SessionContext
 from loadgen.stats import RunStats
 from loadgen.tls import client_ssl_context
 from loadgen.workload import MessageFactory
+from mailstorm.readiness import ReadinessHub
 
 __all__ = ["ProgressCallback", "build_factory", "resolve_target", "run_load"]
 
@@ -138,6 +140,7 @@ async def run_load(
         source_addresses=list(config.source_addresses),
     )
     start = trio.current_time()
+    cpu_start = time.process_time()
     stats.started = start
     schedule = OpenLoopSchedule(config.rate, config.ramp_up) if config.rate is not None else None
     tickets = MessageTickets(
@@ -151,6 +154,10 @@ async def run_load(
     sessions = config.sessions_for(worker, workers)
     try:
         async with trio.open_nursery() as outer:
+            # The readiness hub serves every session's socket: it lives as long as they do.
+            ctx.hub = ReadinessHub.create()
+            if ctx.hub is not None:
+                await outer.start(ctx.hub.run)
             if on_progress is not None:
                 outer.start_soon(_progress_loop, stats, config.progress_interval, on_progress)
             outer.start_soon(_sample_loop_lag, stats)
@@ -174,5 +181,6 @@ async def run_load(
         raise
     finally:
         stats.wall = trio.current_time() - start
+        stats.cpu_s = time.process_time() - cpu_start
         stats.elapsed = (stats.last_message_at - start) if stats.last_message_at else 0.0
     return stats

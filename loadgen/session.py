@@ -29,6 +29,7 @@ from loadgen.config import LoadConfig
 from loadgen.stats import RunStats
 from loadgen.workload import MessageFactory
 from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm.readiness import ReadinessHub
 from smtpwire.client import (
     ClientConfig,
     ClientConnection,
@@ -65,6 +66,8 @@ class SessionContext:
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
     source_addresses: list[str] = field(default_factory=list)
+    #: Where connections learn readiness (None: through trio's own waits).
+    hub: ReadinessHub | None = None
     _source_counter: count = field(default_factory=count)
 
     @property
@@ -206,7 +209,7 @@ class LoadSession:
         now = trio.current_time()
         stats.phases.record("connect", now - started)
         stats.connections += 1
-        stream: trio.abc.Stream = SocketTransport(raw)
+        stream: trio.abc.Stream = SocketTransport(raw, ctx.hub)
         self.stream = stream
         implicit_tls = ctx.config.target.implicit_tls
         if implicit_tls:
