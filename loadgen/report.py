@@ -139,6 +139,12 @@ def build_report(
             "loop_lag_p99_ms": stats.loop_lag_ms(0.99),
             "loop_lag_max_ms": stats.loop_lag_ms(1.0),
             "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS,
+            # The generator's own cost (every process, start-up excluded): the number to
+            # compare with another driver's CPU per message.
+            "cpu_s": round(stats.cpu_s, 3),
+            "cpu_per_1000_messages": (
+                round(stats.cpu_s * 1000 / stats.delivered, 4) if stats.delivered else None
+            ),
         },
         "histograms": stats.phases.encode(),
     }

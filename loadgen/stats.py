@@ -247,6 +247,9 @@ class RunStats:
     #: ``LOOP_LAG_PERIOD``: when it is large the generator itself was the bottleneck and its
     #: latencies include its own delay.
     loop_lag: Counter[int] = field(default_factory=Counter)
+    #: CPU seconds (user + system) this process spent from the start to the end of the run,
+    #: without the interpreter's start-up; summed over processes by ``merge``.
+    cpu_s: float = 0.0
 
     # -- recording (hot path) --------------------------------------------------------------
 
@@ -339,6 +342,7 @@ class RunStats:
             "errors_by_code": {str(k): v for k, v in self.errors_by_code.items()},
             "error_samples": dict(self.error_samples),
             "loop_lag": {str(k): v for k, v in self.loop_lag.items()},
+            "cpu_s": self.cpu_s,
         }
 
     @classmethod
@@ -357,6 +361,7 @@ class RunStats:
             errors_by_code=Counter({int(k): v for k, v in data["errors_by_code"].items()}),
             error_samples=Counter(data["error_samples"]),
             loop_lag=Counter({int(k): v for k, v in data.get("loop_lag", {}).items()}),
+            cpu_s=data.get("cpu_s", 0.0),
         )
 
     def merge(self, other: RunStats) -> None:
@@ -373,6 +378,7 @@ class RunStats:
         self.errors_by_kind.update(other.errors_by_kind)
         self.errors_by_code.update(other.errors_by_code)
         self.loop_lag.update(other.loop_lag)
+        self.cpu_s += other.cpu_s
         for detail, count in other.error_samples.items():
             if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
                 self.error_samples[detail] += count
