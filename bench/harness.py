@@ -94,9 +94,10 @@ def _drivers_status(wanted: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             "available": path is not None,
             "reason": None if path else "Postfix smtp-source not found (apt-get install postfix)",
         }
-    if "mailstorm load" in wanted:
-        # Part of this repository: always there, and a failing run is a problem to report.
-        status["mailstorm load"] = {"available": True, "reason": None}
+    for name in ("mailstorm load", "mailstorm load -p2"):
+        if name in wanted:
+            # Part of this repository: always there, and a failing run is a problem to report.
+            status[name] = {"available": True, "reason": None}
     return status
 
 
@@ -105,7 +106,8 @@ def _drive(
 ) -> DriverResult:
     if driver == "smtp-source":
         return drivers.run_smtp_source(scenario, port, timeout)
-    return drivers.run_mailstorm_load(scenario, port, json_path, timeout)
+    procs = 2 if driver == "mailstorm load -p2" else 1
+    return drivers.run_mailstorm_load(scenario, port, json_path, timeout, procs)
 
 
 def _run_record(
@@ -135,6 +137,9 @@ def _run_record(
         "server_cpu_s": _r(cpu_s, 3),
         "server_cpu_per_1000": _r(cpu_s * per_1000 if per_1000 else None, 4),
         "driver_cpu_per_1000": _r(result.driver_cpu_s * per_1000 if per_1000 else None, 4),
+        "driver_run_cpu_per_1000": _r(
+            result.run_cpu_s * per_1000 if per_1000 and result.run_cpu_s is not None else None, 4
+        ),
         "peak_rss_kib": peak_kib,
     }
 
@@ -181,7 +186,8 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("msg_s", "mb_s", "server_cpu_per_1000", "driver_cpu_per_1000", "peak_rss_kib")
+    keys = ("msg_s", "mb_s", "server_cpu_per_1000", "driver_cpu_per_1000",
+            "driver_run_cpu_per_1000", "peak_rss_kib")
     return {key: _median(runs, key) for key in keys}
 
 
@@ -229,7 +235,7 @@ def _progress(scenario: Scenario, server: str, driver: str, rep: int, rec: dict[
     cpu = rec["server_cpu_per_1000"]
     cpu_text = f", server CPU {cpu:.3f} s/1000" if cpu is not None else ""
     check = "counts ok" if rec["count_ok"] else "PROBLEM: " + "; ".join(rec["problems"])
-    return f"  {scenario.name:8} {server:10} {driver:15} #{rep + 1}: {rate}{cpu_text}; {check}"
+    return f"  {scenario.name:8} {server:12} {driver:18} #{rep + 1}: {rate}{cpu_text}; {check}"
 
 
 def _storms(settings: Settings, workdir: Path, specs: dict[str, servers.ServerSpec]) -> list[Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 __all__ = ["add_ratios", "render_markdown", "write_reports"]
 
-REFERENCES = ("aiosmtpd", "smtp-sink")
+REFERENCES = ("aiosmtpd", "smtp-sink", "trio-floor")
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
@@ -107,13 +107,14 @@ def _throughput_table(result: dict[str, Any]) -> list[str]:
         "## Throughput",
         "",
         "| scenario | driver | server | msg/s | MB/s | server CPU s/1000 msgs | peak RSS MiB "
-        "| msg/s x aiosmtpd | msg/s x smtp-sink | CPU x aiosmtpd | driver CPU s/1000 | counts |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| msg/s x aiosmtpd | msg/s x smtp-sink | CPU x aiosmtpd | CPU x trio-floor "
+        "| driver CPU s/1000 | driver run CPU s/1000 | counts |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for e in result["throughput"]:
         head = f"| {e['scenario']} | {e['driver']} | {e['server']} "
         if e["skipped"]:
-            lines.append(head + f"| skipped: {e['skipped']} |" + " |" * 10)
+            lines.append(head + f"| skipped: {e['skipped']} |" + " |" * 12)
             continue
         m = e["median"] or {}
         peak = m.get("peak_rss_kib")
@@ -122,7 +123,9 @@ def _throughput_table(result: dict[str, Any]) -> list[str]:
             f"| {_num(m.get('server_cpu_per_1000'), 3)} "
             f"| {_num(peak / 1024 if peak else None, 1)} "
             f"| {_x(e['msg_s_x_aiosmtpd'])} | {_x(e['msg_s_x_smtp_sink'])} "
-            f"| {_x(e['cpu_x_aiosmtpd'])} | {_num(m.get('driver_cpu_per_1000'), 3)} "
+            f"| {_x(e['cpu_x_aiosmtpd'])} | {_x(e['cpu_x_trio_floor'])} "
+            f"| {_num(m.get('driver_cpu_per_1000'), 3)} "
+            f"| {_num(m.get('driver_run_cpu_per_1000'), 3)} "
             f"| {'ok' if e['count_ok'] else '**MISMATCH**'} |"
         )
     return [*lines, ""]
@@ -187,6 +190,12 @@ CAVEATS = """\
 - MB/s counts message payload only (the driver's message size), 1 MB = 10^6 bytes.
 - node's smtp-server waits 100 ms before each greeting (its early-talker check), which bounds
   its conn100 rate and its time-to-banner.
+- `trio-floor` (`bench/trio_floor.py`) is not a server but a yardstick: the least a trio sink
+  can do (no validation, state machine or limits). "CPU x trio-floor" is what mailstorm's
+  protocol layer costs on top of trio itself.
+- "driver CPU s/1000" is the driver's whole process tree, start-up included (a Python
+  driver's start-up is a few tenths of a second); "driver run CPU" is what `mailstorm load`
+  reports of its own run, start-up excluded. smtp-source reports nothing of the kind.
 - Time-to-banner is measured by a Python asyncio client, which itself takes CPU while
   thousands of connections start; compare servers within one run, not across machines.
 """

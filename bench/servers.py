@@ -9,6 +9,8 @@ many messages it accepted:
 - ``aiosmtpd``: ``bench/aiosmtpd_sink.py`` on asyncio, its ``messages N`` line
 - ``smtp-sink``: Postfix ``smtp-sink -c``, the last ``mesg=N`` of its running counters
 - ``node``: node's ``smtp-server`` via ``bench/node/sink.js``, its ``messages N`` line
+- ``trio-floor``: ``bench/trio_floor.py``, the least a trio sink can do (a reference row, not a
+  server), its ``messages N`` line
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ __all__ = [
 
 HOST = "127.0.0.1"
 #: ``mailstorm-w2`` is the sink with ``--workers 2`` (the 1-to-2 worker scaling of issue 4).
-SERVER_NAMES = ("mailstorm", "mailstorm-w2", "aiosmtpd", "smtp-sink", "node")
+#: ``trio-floor`` is the issue's "60-line trio sink": what trio alone costs, for reference.
+SERVER_NAMES = ("mailstorm", "mailstorm-w2", "aiosmtpd", "smtp-sink", "node", "trio-floor")
 BENCH_DIR = Path(__file__).resolve().parent
 NODE_SINK = BENCH_DIR / "node" / "sink.js"
 #: How long a server may take to accept its first connection.
@@ -53,6 +56,7 @@ _COUNT_PATTERNS = {
     "aiosmtpd": re.compile(rb"^messages (\d+)", re.MULTILINE),
     "smtp-sink": re.compile(rb"mesg=(\d+)"),
     "node": re.compile(rb"^messages (\d+)", re.MULTILINE),
+    "trio-floor": re.compile(rb"^messages (\d+)", re.MULTILINE),
 }
 
 
@@ -172,6 +176,12 @@ def _node_spec() -> ServerSpec:
     return ServerSpec("node", True, version=f"smtp-server {out} on node {node_version}")
 
 
+def _trio_floor_spec() -> ServerSpec:
+    from importlib.metadata import version
+
+    return ServerSpec("trio-floor", True, version=f"trio {version('trio')}, no protocol layer")
+
+
 def discover_servers(wanted: tuple[str, ...] = SERVER_NAMES) -> dict[str, ServerSpec]:
     """Which of the ``wanted`` servers can run here, with versions or the reason why not."""
     finders = {
@@ -180,6 +190,7 @@ def discover_servers(wanted: tuple[str, ...] = SERVER_NAMES) -> dict[str, Server
         "aiosmtpd": _aiosmtpd_spec,
         "smtp-sink": _smtp_sink_spec,
         "node": _node_spec,
+        "trio-floor": _trio_floor_spec,
     }
     return {name: finders[name]() for name in wanted}
 
@@ -211,6 +222,9 @@ def _command(name: str, port: int, max_sessions: int) -> list[str]:
     if name == "node":
         return [shutil.which("node") or "node", str(NODE_SINK), str(port), str(backlog),
                 str(max_sessions)]
+    if name == "trio-floor":
+        return [sys.executable, "-m", "bench.trio_floor", "--port", str(port),
+                "--backlog", str(backlog)]
     raise ValueError(f"unknown server {name!r}")
 
 
