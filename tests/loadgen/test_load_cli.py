@@ -181,6 +181,12 @@ def test_procs_merge_exactly(
     # Connections: 301 messages, 10 per connection, over 6 sessions in 2 processes.
     assert report["phases"]["connect"]["count"] == totals["connections"] >= 31
     assert sum(t["delivered"] for t in report["timeline"]) == 301
+    # The workers' own CPU for the run, summed; the per-message figure follows from it.
+    generator = report["generator"]
+    assert generator["cpu_s"] > 0
+    assert generator["cpu_per_1000_messages"] == pytest.approx(
+        generator["cpu_s"] * 1000 / 301, abs=0.01
+    )
 
 
 def test_progress_lines_without_a_terminal(

@@ -285,7 +285,9 @@ def test_loop_lag_quantiles_and_exact_merge() -> None:
     for _ in range(96):
         b.record_loop_lag(0.0)
     b.record_loop_lag(0.050)
+    a.cpu_s, b.cpu_s = 0.25, 0.5
     a.merge(RunStats.from_dict(b.to_dict()))
+    assert a.cpu_s == 0.75  # every process's CPU counts
     assert sum(a.loop_lag.values()) == 101
     assert a.loop_lag_ms(0.5) == 0
     assert a.loop_lag_ms(1.0) == 50
@@ -307,7 +309,8 @@ def test_report_says_when_the_generator_was_saturated() -> None:
         stats.record_loop_lag(0.2)
     report = build_report(LoadConfig(target=parse_target("127.0.0.1:25")), stats)
     assert report["generator"] == {"loop_lag_p99_ms": 200, "loop_lag_max_ms": 200,
-                                   "saturated": True}
+                                   "saturated": True, "cpu_s": 0.0,
+                                   "cpu_per_1000_messages": None}
     out = io.StringIO()
     render_table(report, Console(file=out, width=200))
     assert "the load generator itself was saturated" in out.getvalue()
