@@ -14,9 +14,13 @@ command to the arrival of its reply is known without the driver keeping any book
 reply the driver should time comes out of ``next_event`` as a ``PhaseDone``.
 
 With pipelining, MAIL, every RCPT and DATA (or MAIL, RCPT and BDAT with the whole content) go
-out in one write, so a message costs one write and one read per group. A MAIL or RCPT failure
-inside a group does not stop the group (the server answers every command); the replies that only
-follow from an earlier failure (503 to DATA after MAIL failed) are not reported as errors.
+out in one write, so a message costs one write and one read per group. Once a message's content
+is queued, the driver may start the next message behind it (``can_start_next``, RFC 2920 3.1):
+its commands leave in the same write as the content, and it becomes the current message when
+the end-of-data reply before it is in, so a stream of messages costs one write and one read
+each. A MAIL or RCPT failure inside a group does not stop the group (the server answers every
+command); the replies that only follow from an earlier failure (503 to DATA after MAIL failed)
+are not reported as errors.
 
 Replies are parsed by ``smtpwire.replies.ReplyParser`` and content is dot-stuffed by
 ``smtpwire.data.dot_stuff``: the codec is shared with the server.
@@ -163,7 +167,8 @@ StartTLS = _StartTLS()
 
 @dataclass(slots=True)
 class MessageDone(ClientEvent):
-    """The transaction of one message is over and the session is ready for the next one.
+    """The transaction of one message is over; the session is ready for the next one, or
+    the message started behind it (``can_start_next``) is the current one now.
 
     ``delivered`` is True only after a 2xx to the end of the content (for LMTP: to at least one
     recipient). ``failed_phase`` and ``reply`` name the first failure, if any.
@@ -330,6 +335,7 @@ class ClientConnection:
         "_accepted",
         "_auth_started",
         "_bdat_pos",
+        "_content_sent",
         "_eod_ok",
         "_events",
         "_expect",
@@ -344,6 +350,7 @@ class ClientConnection:
         "_next_rcpt",
         "_out",
         "_parser",
+        "_queued",
         "_recv_now",
         "_stamps",
         "_state",
@@ -384,6 +391,10 @@ class ClientConnection:
         self._msg_whole: memoryview | None = None
         self._msg_content = b""
         self._bdat_pos = 0
+        #: The current message's content is queued: only its end-of-data reply is to come.
+        self._content_sent = False
+        #: A message started behind the current one (``can_start_next``), not yet current.
+        self._queued: tuple[str, Sequence[str], Payload, bytes] | None = None
 
     # -- driver interface ----------------------------------------------------------------
 
@@ -444,6 +455,24 @@ class ClientConnection:
         return self._state == _READY
 
     @property
+    def can_start_next(self) -> bool:
+        """True when another message may start behind the current one in the same write.
+
+        RFC 2920 3.1 lets message content be the first "command" of a pipelined group: once
+        the 354 is in and the content is queued, the next message's MAIL, RCPT and DATA may
+        follow it, so a steady stream of messages costs one write and one read each. Only
+        with pipelining and DATA (not BDAT, not LMTP), and one message deep.
+        """
+        return (
+            self._content_sent
+            and self._queued is None
+            and self._state == _MESSAGE
+            and self.pipelining
+            and not self.config.chunking
+            and not self.config.lmtp
+        )
+
+    @property
     def is_closed(self) -> bool:
         return self._state >= _CLOSED
 
@@ -476,10 +505,23 @@ class ClientConnection:
         ``head`` goes before the content: header lines with CRLF ends, none starting with "."
         (it is not dot-stuffed, so a per-message header costs no pass over the body).
         """
-        if self._state != _READY:
-            raise RuntimeError("start_message() while the session is not ready")
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
+        if self._state != _READY:
+            if not self.can_start_next:
+                raise RuntimeError("start_message() while the session is not ready")
+            # Behind the current message: its commands go out now, right after the content;
+            # it becomes the current message when the current one's last reply is in.
+            self._queued = (mail_from, rcpts, payload, head)
+            self._queue_commands(mail_from, rcpts, payload, head)
+            return
+        self._begin(mail_from, rcpts, payload, head)
+        self._queue_commands(mail_from, rcpts, payload, head)
+
+    def _begin(
+        self, mail_from: str, rcpts: Sequence[str], payload: Payload, head: bytes
+    ) -> None:
+        """Make this message the current one: its replies are the next to come."""
         self._state = _MESSAGE
         self._mail_ok = False
         self._accepted = 0
@@ -487,16 +529,22 @@ class ClientConnection:
         self._eod_ok = 0
         self._fail_phase = None
         self._fail_reply = None
+        self._content_sent = False
         self._msg_rcpts = rcpts
         self._msg_head = head
         self._msg_content = payload.raw if self.config.chunking else payload.stuffed
         self._msg_whole = None
         self._bdat_pos = 0
+        self._next_rcpt = len(rcpts) if self.pipelining else 0
+
+    def _queue_commands(
+        self, mail_from: str, rcpts: Sequence[str], payload: Payload, head: bytes
+    ) -> None:
+        """MAIL, and with pipelining every RCPT and DATA (or every BDAT chunk)."""
         self._command(self._mail_command(mail_from, rcpts, payload, len(head)), _MAIL)
         if self.pipelining:
             for rcpt in rcpts:
                 self._command(b"RCPT TO:<%s>\r\n" % rcpt.encode(), _RCPT)
-            self._next_rcpt = len(rcpts)
             if self.config.chunking:
                 # Every chunk goes in the same write; the server consumes the octets of a
                 # BDAT even when it refuses the command (RFC 3030 2), so this stays in step.
@@ -504,8 +552,6 @@ class ClientConnection:
                     pass
             else:
                 self._command(b"DATA\r\n", _DATA)
-        else:
-            self._next_rcpt = 0
 
     def quit(self) -> None:
         """Queue QUIT (allowed when ready, or to give up politely after a failure)."""
@@ -572,6 +618,7 @@ class ClientConnection:
         if phase is None:
             phase = _PHASE_OF[self._expect[0]] if self._expect else "session"
         self._state = _FAILED
+        self._queued = None
         self._out.clear()
         self._expect.clear()
         self._stamps.clear()
@@ -732,6 +779,7 @@ class ClientConnection:
                         self._out.append(self._msg_head)
                     self._out.append(self._msg_content)
                     self._expect.append(_EOD)
+                    self._content_sent = True
                 else:
                     # RFC 2920 3.1: DATA was accepted although no recipient was; the content
                     # must not go out, and a lone "." ends the transaction.
@@ -808,9 +856,16 @@ class ClientConnection:
 
     def _message_done(self) -> None:
         self._state = _READY
+        self._content_sent = False
         self._events.append(
             MessageDone(self._eod_ok > 0, self._accepted, self._fail_phase, self._fail_reply)
         )
+        queued = self._queued
+        if queued is not None:
+            # The message pipelined behind this one: its replies come next.
+            self._queued = None
+            self._begin(*queued)
+            return
         self._msg_head = b""
         self._msg_whole = None
         self._msg_content = b""

@@ -124,6 +124,119 @@ def test_pipelined_message_is_one_write_per_group() -> None:
     assert d.conn.is_ready
 
 
+STUFFED = b"Subject: t\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
+GROUP = b"MAIL FROM:<%s> SIZE=%d\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+
+
+def _in_data(d: Driver, sender: bytes = b"a@x.test") -> None:
+    """Start a message and answer its group up to the 354."""
+    d.conn.start_message(sender.decode(), ["b@y.test"], PAYLOAD)
+    assert d.flush() == GROUP % (sender, len(PAYLOAD))
+    d.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+
+
+def test_next_message_rides_with_the_content() -> None:
+    # RFC 2920 3.1: content first, then the next message's MAIL, RCPT and DATA, in one write.
+    d = ready_driver(ClientConfig())
+    assert not d.conn.can_start_next
+    _in_data(d)
+    assert d.conn.can_start_next
+    d.conn.start_message("n@x.test", ["b@y.test"], PAYLOAD)
+    assert not d.conn.can_start_next  # one message deep
+    assert d.flush() == STUFFED + GROUP % (b"n@x.test", len(PAYLOAD))
+    events = d.feed(b"250 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n", advance=3.0)
+    assert phases(events) == [
+        ("eod", 250, True),
+        ("mail", 250, True),
+        ("rcpt", 250, True),
+        ("data", 354, True),
+    ]
+    assert all(e.elapsed == 3.0 for e in events if isinstance(e, PhaseDone))
+    done = [e for e in events if isinstance(e, MessageDone)]
+    assert len(done) == 1 and done[0].delivered
+    # The second message is current now, its content queued: a third may follow it.
+    assert not d.conn.is_ready and d.conn.can_start_next
+    assert d.flush() == STUFFED
+    events = d.feed(b"250 queued\r\n")
+    assert isinstance(events[-1], MessageDone) and events[-1].delivered
+    assert d.conn.is_ready and not d.conn.can_start_next
+
+
+def test_next_message_refused_after_the_previous_was_delivered() -> None:
+    d = ready_driver(ClientConfig())
+    _in_data(d)
+    d.conn.start_message("n@x.test", ["b@y.test"], PAYLOAD)
+    d.flush()
+    events = d.feed(b"250 queued\r\n550 no\r\n503 need mail\r\n503 need mail\r\n")
+    # The 503s only follow from the refused MAIL: one error, counted where it happened.
+    assert phases(events) == [("eod", 250, True), ("mail", 550, False)]
+    done = [e for e in events if isinstance(e, MessageDone)]
+    assert [m.delivered for m in done] == [True, False]
+    assert done[1].failed_phase == "mail"
+    assert d.conn.is_ready and d.flush() == b""  # no RSET: no transaction was opened
+
+
+def test_previous_message_refused_at_end_of_data_next_goes_on() -> None:
+    d = ready_driver(ClientConfig())
+    _in_data(d)
+    d.conn.start_message("n@x.test", ["b@y.test"], PAYLOAD)
+    d.flush()
+    events = d.feed(b"554 rejected\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert phases(events)[0] == ("eod", 554, False)
+    done = [e for e in events if isinstance(e, MessageDone)]
+    assert len(done) == 1 and not done[0].delivered and done[0].failed_phase == "eod"
+    assert d.flush() == STUFFED
+    events = d.feed(b"250 queued\r\n")
+    assert isinstance(events[-1], MessageDone) and events[-1].delivered
+
+
+def test_421_with_a_message_queued_behind_ends_the_session() -> None:
+    d = ready_driver(ClientConfig())
+    _in_data(d)
+    d.conn.start_message("n@x.test", ["b@y.test"], PAYLOAD)
+    d.flush()
+    events = d.feed(b"421 closing\r\n")
+    assert isinstance(events[-1], SessionFailed)
+    assert not d.conn.can_start_next and d.flush() == b""
+
+
+@pytest.mark.parametrize(
+    ("config", "ehlo"),
+    [
+        (ClientConfig(pipelining="off"), EHLO_PIPELINING),
+        (ClientConfig(), EHLO_PLAIN),  # auto, and the server does not offer PIPELINING
+    ],
+)
+def test_no_next_message_without_pipelined_data(config: ClientConfig, ehlo: bytes) -> None:
+    d = ready_driver(config, ehlo)
+    d.conn.start_message("a@x.test", ["b@y.test"], PAYLOAD)
+    d.flush()
+    for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+        assert not d.conn.can_start_next
+        d.feed(reply)
+        d.flush()
+    assert not d.conn.can_start_next
+    with pytest.raises(RuntimeError):
+        d.conn.start_message("n@x.test", ["b@y.test"], PAYLOAD)
+
+
+def test_no_next_message_with_lmtp() -> None:
+    # LMTP answers end of data once per recipient: not worth the bookkeeping.
+    d = Driver(ClientConfig(lmtp=True))
+    d.feed(b"220 lmtp.test\r\n")
+    assert d.flush().startswith(b"LHLO ")
+    assert d.feed(EHLO_PIPELINING)[-1] is Ready
+    _in_data(d)
+    assert not d.conn.can_start_next
+
+
+def test_no_next_message_with_bdat() -> None:
+    d = ready_driver(ClientConfig(chunking=True))
+    d.conn.start_message("a@x.test", ["b@y.test"], PAYLOAD)
+    d.flush()
+    assert not d.conn.can_start_next
+
+
 def test_replies_split_across_reads() -> None:
     d = ready_driver(ClientConfig())
     d.conn.start_message("a@x.test", ["b@y.test"], PAYLOAD)
