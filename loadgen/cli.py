@@ -40,10 +40,11 @@ per-phase latency (connect, banner, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, end 
 whole message) as p50/p90/p99/p99.9/max from HdrHistograms.
 
 Closed loop (default): each session sends its next message as soon as the previous one is
-answered. Open loop (--rate): messages start on a fixed schedule whatever the server does, and
-latency counts from each message's scheduled start, so a stalled server shows in the
-percentiles (coordinated-omission safe). The run ends at --messages or --duration, whichever
-comes first (10 seconds if neither is given). A message counts as delivered only after the 2xx
+answered (with --pipeline-messages: together with the previous one's content). Open loop
+(--rate): messages start on a fixed schedule whatever the server does, and latency counts from
+each message's scheduled start, so a stalled server shows in the percentiles
+(coordinated-omission safe). The run ends at --messages or --duration, whichever comes first
+(10 seconds if neither is given). A message counts as delivered only after the 2xx
 to its end of data.
 
 TARGET is HOST:PORT, smtp://HOST:PORT, smtps://HOST:PORT (TLS from the first byte),
@@ -191,6 +192,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="RFC 2920 pipelining: auto uses it when the server offers it",
     )
     g.add_argument(
+        "--pipeline-messages",
+        action="store_true",
+        help="with pipelining and DATA, send each message's MAIL/RCPT/DATA in the same "
+        "write as the previous message's content (RFC 2920 3.1): one write per message, "
+        "up to two messages in flight per session; their MAIL latency then includes the "
+        "server's end of data for the message before",
+    )
+    g.add_argument(
         "--chunking",
         action="store_true",
         help="send content with BDAT (RFC 3030); the server must offer CHUNKING",
@@ -281,6 +290,13 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         raise ConfigError(f"bad --ehlo {args.ehlo!r}: one word, such as a host name")
     if args.chunk_size and not args.chunking:
         raise ConfigError("--chunk-size needs --chunking")
+    if args.pipeline_messages and (
+        args.chunking or args.lmtp or target.lmtp or args.pipelining == "off"
+    ):
+        raise ConfigError(
+            "--pipeline-messages needs pipelining with DATA "
+            "(not --chunking, LMTP or --pipelining off)"
+        )
     if args.insecure and (args.tls_verify or args.ca_file):
         raise ConfigError("--insecure contradicts --tls-verify / --ca-file")
     if args.starttls and target.implicit_tls:
@@ -307,6 +323,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         mail_from=args.mail_from,
         rcpt_to=args.rcpt_to,
         pipelining=args.pipelining,
+        pipeline_messages=args.pipeline_messages,
         chunking=args.chunking,
         chunk_size=args.chunk_size,
         starttls=args.starttls,

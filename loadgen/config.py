@@ -98,6 +98,8 @@ class LoadConfig:
     mail_from: str = "loadgen@mailstorm.test"
     rcpt_to: str = "user{r}@mailstorm.test"
     pipelining: str = "auto"
+    #: With pipelining, send each message's commands with the previous message's content.
+    pipeline_messages: bool = False
     chunking: bool = False
     chunk_size: int = 0
     starttls: bool = False

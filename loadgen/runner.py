@@ -78,7 +78,7 @@ async def _session_main(ctx: SessionContext, tickets: MessageTickets, start_at: 
     session = LoadSession(ctx)
     try:
         while (ticket := await tickets.take()) is not None:
-            await session.send_message(*ticket)
+            await session.send_messages(*ticket, tickets)
         await session.quit()
     finally:
         if session.stream is not None:

@@ -104,6 +104,26 @@ class MessageTickets:
         # Worker w takes messages w, w + workers, ...: one global numbering across processes.
         self._next = worker
 
+    def take_now(self) -> tuple[int, float] | None:
+        """The next message if it is due already, else None (not yet due, or the run is
+        over): for a session that can start one without waiting, or not at all."""
+        n = self._next
+        if self.messages is not None and n >= self.messages:
+            return None
+        now = trio.current_time()
+        schedule = self.schedule
+        if schedule is None:
+            if now >= self.deadline:
+                return None
+            self._next = n + self.workers
+            return n, now
+        offset = schedule.offset(n)
+        due = self.start + offset
+        if (self.duration is not None and offset >= self.duration) or due > now:
+            return None
+        self._next = n + self.workers
+        return n, due
+
     async def take(self) -> tuple[int, float] | None:
         n = self._next
         if self.messages is not None and n >= self.messages:

@@ -20,12 +20,14 @@ import errno
 import math
 import socket
 import ssl
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
 
 import trio
 
 from loadgen.config import LoadConfig
+from loadgen.schedule import MessageTickets
 from loadgen.stats import RunStats
 from loadgen.workload import MessageFactory
 from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
@@ -96,10 +98,15 @@ class _Failure(Exception):
 class LoadSession:
     """One concurrent session: takes messages, keeps a connection open between them."""
 
-    __slots__ = ("conn", "ctx", "now", "on_connection", "scope", "stream")
+    __slots__ = ("conn", "ctx", "inflight", "now", "on_connection", "scope", "stream", "tickets")
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
+        #: (due time, size) of each message started and not ended, oldest first: one, or
+        #: two while a message rides behind the content of the one before it.
+        self.inflight: deque[tuple[float, int]] = deque()
+        #: Where the next message comes from while messages may be pipelined, else None.
+        self.tickets: MessageTickets | None = None
         self.stream: trio.abc.Stream | None = None
         self.conn: ClientConnection | None = None
         self.on_connection = 0
@@ -109,15 +116,27 @@ class LoadSession:
 
     # -- the message loop ------------------------------------------------------------------
 
-    async def send_message(self, n: int, due: float) -> None:
-        """Deliver message ``n`` (due at ``due``), opening a connection first if needed."""
+    async def send_messages(
+        self, n: int, due: float, tickets: MessageTickets | None = None
+    ) -> None:
+        """Deliver message ``n`` (due at ``due``), opening a connection first if needed.
+
+        With ``--pipeline-messages`` and ``tickets``, every message that is already due when
+        the one before it has its content on the way starts in the same write (RFC 2920
+        3.1), so one call may deliver a long chain of messages; it returns when none is in
+        flight. Each message ends exactly once; when the connection fails, every message in
+        flight fails with it, its error counted once each.
+        """
         ctx = self.ctx
         stats = ctx.stats
-        stats.attempted += 1
         # The transport does not yield when a read or write completes at once; this is the
-        # session's guaranteed cancellation point per message.
+        # session's guaranteed cancellation point per chain of messages.
         await trio.lowlevel.checkpoint_if_cancelled()
+        inflight = self.inflight
         msg = ctx.factory.message(n)
+        stats.attempted += 1
+        inflight.append((due, msg.size))
+        self.tickets = tickets if ctx.config.pipeline_messages else None
         failure: _Failure | None = None
         self.now = trio.current_time()
         with trio.CancelScope(deadline=self.now + ctx.config.timeout) as scope:
@@ -128,31 +147,55 @@ class LoadSession:
                 conn = self.conn
                 assert conn is not None
                 conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
-                event = await self._pump()
-                if type(event) is MessageDone:
+                while inflight:
+                    event = await self._pump()
+                    if type(event) is not MessageDone:
+                        failure = self._session_failure(event)
+                        break
                     now = self.now  # when the reply that ended the message arrived
+                    message_due, size = inflight.popleft()
                     if event.delivered:
-                        stats.message_delivered(now, now - due, msg.size)
+                        stats.message_delivered(now, now - message_due, size)
                     else:
                         stats.message_failed(now)
                     self.on_connection += 1
+                else:
                     per_connection = ctx.config.per_connection
                     if per_connection and self.on_connection >= per_connection:
                         scope.deadline = math.inf
                         await self.quit()
                     return
-                failure = self._session_failure(event)
             except _Failure as exc:
                 failure = exc
             except trio.BrokenResourceError as exc:
                 failure = self._broken(exc)
+            finally:
+                self.tickets = None
         if scope.cancelled_caught:
             failure = self._timeout()
         assert failure is not None
-        if failure.kind is not None:
-            stats.error(failure.kind, failure.detail)
-        stats.message_failed(trio.current_time())
+        now = trio.current_time()
+        while inflight:
+            inflight.popleft()
+            if failure.kind is not None:
+                stats.error(failure.kind, failure.detail)
+            stats.message_failed(now)
         await self.abort()
+
+    def _start_next(self, conn: ClientConnection, tickets: MessageTickets) -> None:
+        """Start the next message behind the current one, if it is due and allowed."""
+        per_connection = self.ctx.config.per_connection
+        if per_connection and self.on_connection + len(self.inflight) >= per_connection:
+            return
+        ticket = tickets.take_now()
+        if ticket is None:
+            return
+        n, due = ticket
+        ctx = self.ctx
+        msg = ctx.factory.message(n)
+        ctx.stats.attempted += 1
+        self.inflight.append((due, msg.size))
+        conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
 
     async def quit(self) -> None:
         """QUIT and close; waits for the server's 221 and then for it to close first."""
@@ -266,6 +309,8 @@ class LoadSession:
             event = conn.next_event()
             if event is None:
                 if conn.wants_to_send:
+                    if self.tickets is not None and conn.can_start_next:
+                        self._start_next(conn, self.tickets)
                     now = current_time()
                     if now + timeout - scope.deadline > slack:
                         scope.deadline = now + timeout

@@ -246,6 +246,8 @@ class FakeBehavior:
     hang_on: str | None = None
     #: Seconds to wait before answering the end of each message's content.
     eod_delay: float = 0.0
+    #: Close the connection, unanswered, when this many messages' content has arrived on it.
+    drop_after_messages: int = 0
     #: Every n-th message (1-based) gets ``eod_reply_nth`` instead of ``eod_reply``.
     nth: int = 0
     eod_reply_nth: bytes = b"451 4.3.0 try again\r\n"
@@ -260,6 +262,8 @@ class FakeServer:
     ended: int = 0
     connections: int = 0
     pipelined_groups: int = 0
+    #: Messages whose MAIL had arrived together with the previous message's content.
+    mail_behind_content: int = 0
     #: The client address of every connection.
     peers: list[str] = field(default_factory=list)
     #: trio clock reading at each accepted connection.
@@ -279,6 +283,7 @@ class FakeServer:
             await stream.send_all(b.banner)
             content = bytearray()
             accepted = 0
+            on_connection = 0
             while True:
                 while b"\r\n" not in buf:
                     data = await stream.receive_some(65536)
@@ -325,6 +330,11 @@ class FakeServer:
                         if not data:
                             return
                         buf += data
+                    on_connection += 1
+                    if on_connection == b.drop_after_messages:
+                        return
+                    if buf.startswith(b"MAIL "):
+                        self.mail_behind_content += 1
                     await self._delivered(stream, result[0] or b"")
                 elif verb == "BDAT":
                     parts = line.split()

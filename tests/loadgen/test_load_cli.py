@@ -39,6 +39,7 @@ def test_module_help_explains_itself() -> None:
         "NOT verified",
         "smtps://",
         "--source-address",
+        "--pipeline-messages",
         "exit status",
     ):
         assert needle in out
@@ -66,6 +67,8 @@ def test_module_help_explains_itself() -> None:
         (["smtps://127.0.0.1:25", "--starttls"], "makes no sense"),
         (["127.0.0.1:25", "--ehlo", "two words"], "bad --ehlo"),
         (["127.0.0.1:25", "--chunk-size", "1k"], "needs --chunking"),
+        (["127.0.0.1:25", "--pipeline-messages", "--chunking"], "needs pipelining with DATA"),
+        (["lmtp://127.0.0.1:24", "--pipeline-messages"], "needs pipelining with DATA"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

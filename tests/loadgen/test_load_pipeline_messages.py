@@ -1,0 +1,115 @@
+"""``--pipeline-messages``: each message's commands ride with the previous message's content.
+
+Every message still ends exactly once, a connection that fails takes every message in flight
+with it (each counted), ``--per-connection`` is kept exactly, and the stored content is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from loadgen.config import LoadConfig
+from loadgen.runner import run_load
+from loadgen.schedule import MessageTickets, OpenLoopSchedule
+from loadgen.stats import RunStats
+
+pytest_plugins = ("load_fixtures",)
+
+LIMIT = 30
+
+
+async def run(config: LoadConfig) -> RunStats:
+    with trio.fail_after(LIMIT):
+        stats = await run_load(config)
+    assert stats.attempted == stats.delivered + stats.failed
+    return stats
+
+
+async def test_messages_ride_with_the_content_before_them(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp()
+    stats = await run(load_config(server.port, sessions=2, messages=40, pipeline_messages=True))
+    assert stats.delivered == server.delivered == 40 and stats.errors == 0
+    # Every message but each session's first came in the write of the one before.
+    assert server.mail_behind_content == 38
+    for phase in ("mail", "rcpt", "data", "eod", "message"):
+        assert stats.phases.by_phase[phase].get_total_count() == 40, phase
+
+    server = await fake_smtp()
+    stats = await run(load_config(server.port, sessions=2, messages=40))
+    assert stats.delivered == 40 and server.mail_behind_content == 0  # off by default
+
+
+async def test_per_connection_is_kept(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp()
+    stats = await run(
+        load_config(server.port, sessions=2, messages=70, per_connection=7, pipeline_messages=True)
+    )
+    assert stats.delivered == 70
+    assert stats.connections == server.connections == 10
+    # Within each connection the second to the seventh message were pipelined.
+    assert server.mail_behind_content == 60
+
+
+async def test_a_dropped_connection_fails_every_message_in_flight(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    # The server hangs up after the first content, with the next message's commands read.
+    server = await fake_smtp(drop_after_messages=1)
+    stats = await run(load_config(server.port, sessions=1, messages=4, pipeline_messages=True))
+    assert stats.delivered == 0 and stats.failed == 4
+    assert dict(stats.errors_by_kind) == {"reset": 4}
+    assert stats.connections == 2
+
+
+async def test_refusals_at_end_of_data_do_not_disturb_the_next_message(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp(nth=3, eod_reply_nth=b"554 5.6.0 rejected\r\n")
+    stats = await run(load_config(server.port, sessions=2, messages=30, pipeline_messages=True))
+    assert stats.delivered == server.delivered == 20
+    assert dict(stats.errors_by_code) == {554: 10}
+    assert stats.connections == 2
+
+
+async def test_open_loop_only_pipelines_messages_that_are_due(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp()
+    stats = await run(
+        load_config(server.port, sessions=1, rate=20, messages=10, pipeline_messages=True)
+    )
+    assert stats.delivered == 10
+    # 50 ms apart, against a server that answers at once: never one due behind another.
+    assert server.mail_behind_content == 0
+
+
+async def test_take_now_never_waits() -> None:
+    start = trio.current_time()
+    tickets = MessageTickets(
+        start=start, messages=3, duration=None, schedule=OpenLoopSchedule(rate=1.0)
+    )
+    assert tickets.take_now() == (0, start)
+    assert tickets.take_now() is None  # due a second from now
+    closed = MessageTickets(start=start, messages=2, duration=None)
+    assert [t[0] for t in (closed.take_now(), closed.take_now()) if t] == [0, 1]
+    assert closed.take_now() is None  # the run is over
+
+
+async def test_own_sink_stores_every_message_exactly(
+    start_sink: Callable[..., Any], load_config: Callable[..., LoadConfig], tmp_path: Path
+) -> None:
+    maildir = tmp_path / "Maildir"
+    sink = await start_sink(store=f"maildir:{maildir}")
+    stats = await run(
+        load_config(sink.addresses[0][1], sessions=4, messages=120, pipeline_messages=True)
+    )
+    assert stats.delivered == 120 and stats.errors == 0
+    assert sum(1 for p in (maildir / "new").iterdir() if p.is_file()) == 120
