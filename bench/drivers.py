@@ -40,9 +40,17 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-#: ``mailstorm load -p2`` is the load generator with ``--procs 2`` (issue 4: against smtp-sink it
-#: is to reach smtp-source's rate on pers100).
-DRIVER_NAMES = ("smtp-source", "mailstorm load", "mailstorm load -p2")
+#: The load generator's variants: the options each adds to the scenario's own.
+MAILSTORM_DRIVERS: dict[str, list[str]] = {
+    # Defaults: pipelining where offered, one message in flight per session (smtp-source's
+    # shape, but pipelined).
+    "mailstorm load": [],
+    # Each message's commands ride with the previous message's content: one write each.
+    "mailstorm load pm": ["--pipeline-messages"],
+    # The same in two processes (issue 4: against smtp-sink, smtp-source's rate or more).
+    "mailstorm load pm p2": ["--pipeline-messages", "--procs", "2"],
+}
+DRIVER_NAMES = ("smtp-source", *MAILSTORM_DRIVERS)
 SCENARIO_NAMES = ("pers100", "conn100", "big10")
 #: The exit status of coreutils ``timeout`` when the command ran out of time.
 TIMED_OUT = 124
@@ -166,19 +174,16 @@ def _loadgen_report(json_path: Path) -> tuple[dict[str, object] | None, float | 
 
 
 def run_mailstorm_load(
-    scenario: Scenario, port: int, json_path: Path, timeout: float, procs: int = 1
+    scenario: Scenario, port: int, json_path: Path, timeout: float, name: str = "mailstorm load"
 ) -> DriverResult:
-    """Drive 127.0.0.1:``port`` with ``python -m loadgen``; counts come from its JSON report.
-
-    Pipelining is the load generator's default wherever the server offers it.
-    """
-    name = "mailstorm load" if procs == 1 else f"mailstorm load -p{procs}"
+    """Drive 127.0.0.1:``port`` with ``python -m loadgen`` as driver ``name`` (a key of
+    ``MAILSTORM_DRIVERS``); counts come from its JSON report."""
     command = [
         sys.executable, "-m", "loadgen", f"{HOST}:{port}",
         "--sessions", str(scenario.sessions), "--messages", str(scenario.messages),
         "--per-connection", "0" if scenario.persistent else "1",
         "--size", str(scenario.size), "--json", str(json_path), "--quiet",
-        *(["--procs", str(procs)] if procs > 1 else []),
+        *MAILSTORM_DRIVERS[name],
     ]
     cpu_before = _children_cpu()
     done = _run_bounded(command, timeout)

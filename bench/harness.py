@@ -94,10 +94,11 @@ def _drivers_status(wanted: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             "available": path is not None,
             "reason": None if path else "Postfix smtp-source not found (apt-get install postfix)",
         }
-    for name in ("mailstorm load", "mailstorm load -p2"):
+    for name in drivers.MAILSTORM_DRIVERS:
         if name in wanted:
             # Part of this repository: always there, and a failing run is a problem to report.
-            status[name] = {"available": True, "reason": None}
+            options = " ".join(drivers.MAILSTORM_DRIVERS[name]) or "defaults"
+            status[name] = {"available": True, "reason": None, "options": options}
     return status
 
 
@@ -106,8 +107,7 @@ def _drive(
 ) -> DriverResult:
     if driver == "smtp-source":
         return drivers.run_smtp_source(scenario, port, timeout)
-    procs = 2 if driver == "mailstorm load -p2" else 1
-    return drivers.run_mailstorm_load(scenario, port, json_path, timeout, procs)
+    return drivers.run_mailstorm_load(scenario, port, json_path, timeout, driver)
 
 
 def _run_record(
@@ -235,7 +235,7 @@ def _progress(scenario: Scenario, server: str, driver: str, rep: int, rec: dict[
     cpu = rec["server_cpu_per_1000"]
     cpu_text = f", server CPU {cpu:.3f} s/1000" if cpu is not None else ""
     check = "counts ok" if rec["count_ok"] else "PROBLEM: " + "; ".join(rec["problems"])
-    return f"  {scenario.name:8} {server:12} {driver:18} #{rep + 1}: {rate}{cpu_text}; {check}"
+    return f"  {scenario.name:8} {server:12} {driver:20} #{rep + 1}: {rate}{cpu_text}; {check}"
 
 
 def _storms(settings: Settings, workdir: Path, specs: dict[str, servers.ServerSpec]) -> list[Any]:

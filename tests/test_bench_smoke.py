@@ -22,7 +22,7 @@ SCENARIOS = ("pers100", "conn100", "big10")
 #: Always run (the suite's installer provides them); node's smtp-server runs only when present.
 REQUIRED_SERVERS = ("mailstorm", "mailstorm-w2", "aiosmtpd", "smtp-sink", "trio-floor")
 SERVERS = (*REQUIRED_SERVERS, "node")
-DRIVERS = ("smtp-source", "mailstorm load", "mailstorm load -p2")
+DRIVERS = ("smtp-source", "mailstorm load", "mailstorm load pm", "mailstorm load pm p2")
 #: A hang guard for the whole smoke run, far above its usual length; not a timing check.
 HANG_GUARD = 900
 
