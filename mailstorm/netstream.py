@@ -10,6 +10,10 @@ After a write, the peer is only now reading what was sent, so its answer cannot 
 yet: the next read waits for readability first instead of trying a recv() that would only
 fail with EAGAIN (a wasted system call and exception on every request/response turn).
 
+Readiness: given a ``ReadinessHub`` (``mailstorm.readiness``), the stream learns that its
+socket is readable or writable from the hub's edge-triggered epoll set, registered once,
+instead of re-arming trio's one-shot registration (an ``epoll_ctl`` system call) on every wait.
+
 Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
 could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
 once. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
