@@ -95,23 +95,28 @@ class ReadinessHub:
         entry.read_task = entry.write_task = None
 
     async def wait_readable(self, entry: Readiness) -> None:
-        if entry.read_task is not None:
-            raise trio.BusyResourceError("another task is already reading this socket")
-        entry.read_task = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            entry.read_task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await self._park(entry, reading=True)
 
     async def wait_writable(self, entry: Readiness) -> None:
-        if entry.write_task is not None:
-            raise trio.BusyResourceError("another task is already writing this socket")
-        entry.write_task = trio.lowlevel.current_task()
+        await self._park(entry, reading=False)
+
+    async def _park(self, entry: Readiness, *, reading: bool) -> None:
+        """Sleep until ``run`` sees the socket's next readable (or writable) edge."""
+        task = trio.lowlevel.current_task()
+        if (entry.read_task if reading else entry.write_task) is not None:
+            raise trio.BusyResourceError(
+                f"another task is already {'reading' if reading else 'writing'} this socket"
+            )
+        if reading:
+            entry.read_task = task
+        else:
+            entry.write_task = task
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            entry.write_task = None
+            if reading:
+                entry.read_task = None
+            else:
+                entry.write_task = None
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
