@@ -20,6 +20,10 @@ import trustme
 from server import Address, SinkConfig, SinkServer
 from smtpwire.replies import ParsedReply, ReplyParser
 
+# The load generator's fixture plugin is also imported by name (for its helpers); register it
+# so that its asserts are rewritten whichever import comes first.
+pytest.register_assert_rewrite("load_fixtures")
+
 #: Every network wait in a test is bounded by this.
 TEST_TIMEOUT = 20.0
 

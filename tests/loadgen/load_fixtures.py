@@ -27,6 +27,8 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
 from loadgen.config import LoadConfig, Target
+from loadgen.runner import run_load
+from loadgen.stats import RunStats
 from smtpwire.data import BareLinefeedPolicy, DataReader
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -36,6 +38,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: Every bounded run of the load generator in these tests ends within this many seconds.
+RUN_LIMIT = 30
+
+
+async def run_bounded(config: LoadConfig) -> RunStats:
+    """Run the load, bounded in time, and check that every message ended exactly once."""
+    with trio.fail_after(RUN_LIMIT):
+        stats = await run_load(config)
+    assert stats.attempted == stats.delivered + stats.failed
+    return stats
 
 
 def make_config(port: int, **options: Any) -> LoadConfig:

@@ -9,24 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import trio
+from load_fixtures import run_bounded as run
 
 from loadgen.config import LoadConfig
-from loadgen.runner import run_load
-from loadgen.stats import RunStats
 from loadgen.workload import MessageFactory
 
 pytest_plugins = ("load_fixtures",)
 
-LIMIT = 30
-
-
-async def run(config: LoadConfig) -> RunStats:
-    with trio.fail_after(LIMIT):
-        stats = await run_load(config)
-    # Every message taken from the schedule ended exactly once.
-    assert stats.attempted == stats.delivered + stats.failed
-    return stats
 
 
 async def test_connection_refused(unused_port: int, load_config: Callable[..., LoadConfig]) -> None:

@@ -11,22 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from load_fixtures import run_bounded as run
 
 from loadgen.config import LoadConfig
-from loadgen.runner import run_load
 from loadgen.schedule import MessageTickets, OpenLoopSchedule
-from loadgen.stats import RunStats
 
 pytest_plugins = ("load_fixtures",)
 
-LIMIT = 30
-
-
-async def run(config: LoadConfig) -> RunStats:
-    with trio.fail_after(LIMIT):
-        stats = await run_load(config)
-    assert stats.attempted == stats.delivered + stats.failed
-    return stats
 
 
 async def test_messages_ride_with_the_content_before_them(

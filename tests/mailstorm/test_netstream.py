@@ -26,17 +26,23 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-@pytest.fixture(params=["hub", "trio"])
-async def hub(request: pytest.FixtureRequest) -> AsyncIterator[ReadinessHub | None]:
-    if request.param == "trio":
-        yield None
-        return
+@pytest.fixture
+async def running_hub() -> AsyncIterator[ReadinessHub]:
+    """A hub whose task runs for the length of the test."""
     hub = ReadinessHub.create()
     assert hub is not None
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         yield hub
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(params=["hub", "trio"])
+async def hub(
+    request: pytest.FixtureRequest, running_hub: ReadinessHub
+) -> ReadinessHub | None:
+    """Each transport test runs on the hub, and on trio's own waits."""
+    return running_hub if request.param == "hub" else None
 
 
 async def test_request_response_when_the_answer_is_already_there(hub: ReadinessHub | None) -> None:
@@ -129,51 +135,40 @@ async def test_cancelled_wait_leaves_the_transport_usable(hub: ReadinessHub | No
     peer.close()
 
 
-async def test_close_wakes_a_waiting_reader() -> None:
-    hub = ReadinessHub.create()
-    assert hub is not None
+async def test_close_wakes_a_waiting_reader(running_hub: ReadinessHub) -> None:
     mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, running_hub)
+    await transport.send_all(b"hello\r\n")
+    outcome: list[type[BaseException]] = []
+
+    async def reader() -> None:
+        try:
+            await transport.receive_some()
+        except trio.ClosedResourceError as exc:
+            outcome.append(type(exc))
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(hub.run)
-        transport = SocketTransport(mine, hub)
-        await transport.send_all(b"hello\r\n")
-        outcome: list[type[BaseException]] = []
-
-        async def reader() -> None:
-            try:
-                await transport.receive_some()
-            except trio.ClosedResourceError as exc:
-                outcome.append(type(exc))
-
         nursery.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
         transport.close()
-        with trio.fail_after(10):
-            while not outcome:
-                await trio.sleep(0.01)
-        assert outcome == [trio.ClosedResourceError]
-        assert len(hub) == 0
-        nursery.cancel_scope.cancel()
+    assert outcome == [trio.ClosedResourceError]
+    assert len(running_hub) == 0
     peer.close()
 
 
-async def test_two_readers_is_a_usage_error() -> None:
-    hub = ReadinessHub.create()
-    assert hub is not None
+async def test_two_readers_is_a_usage_error(running_hub: ReadinessHub) -> None:
     mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, running_hub)
+    await transport.send_all(b"hello\r\n")
+
+    async def first_reader() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await transport.receive_some()
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(hub.run)
-        transport = SocketTransport(mine, hub)
-        await transport.send_all(b"hello\r\n")
-
-        async def first_reader() -> None:
-            with pytest.raises(trio.ClosedResourceError):
-                await transport.receive_some()
-
         nursery.start_soon(first_reader)
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trio.BusyResourceError):
             await transport.receive_some()
         transport.close()
-        nursery.cancel_scope.cancel()
     peer.close()
