@@ -1,0 +1,85 @@
+"""The load generator's own cost per message, with no sockets and no event loop.
+
+``python -m bench.client_micro`` drives ``ClientConnection`` the way ``LoadSession`` does with
+``--pipeline-messages`` (each message's MAIL, RCPT and DATA behind the previous message's
+content: one write and one read per message), answers with canned replies, and prints
+microseconds per message twice: for the work a message needs (the message factory and the
+client state machine), and with the measurement the load generator adds on top (a latency
+record per timed reply, the whole-message record and the counters). The difference is what
+measuring costs; set it against the generator's run CPU per message in a bench report
+("driver run CPU") to state its share. Best of several rounds, so machine noise counts less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from loadgen.stats import RunStats
+from loadgen.workload import MessageFactory
+from smtpwire.client import ClientConfig, ClientConnection, MessageDone, PhaseDone, Ready
+
+EHLO = b"250-bench.sink\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n"
+#: The end of one message and the group of the next, as one read.
+REPLIES = b"250 2.0.0 Ok: queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data\r\n"
+
+
+def _ready_connection() -> ClientConnection:
+    conn = ClientConnection(ClientConfig())
+    conn.connection_made(0.0)
+    for reply in (b"220 bench.sink ESMTP\r\n", EHLO):
+        conn.receive_data(reply, 0.0)
+        while (event := conn.next_event()) is not None:
+            last = event
+        conn.data_to_send(0.0)
+    assert last is Ready
+    return conn
+
+
+def per_message_us(messages: int, *, measure: bool) -> float:
+    """Microseconds per message for one round of ``messages`` pipelined messages."""
+    conn = _ready_connection()
+    factory = MessageFactory()
+    stats = RunStats()
+    record = stats.phases.record
+    msg = factory.message(0)
+    conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
+    conn.data_to_send(0.0)
+    conn.receive_data(REPLIES.partition(b"\r\n")[2], 0.0)  # the first group: no message ends
+    while conn.next_event() is not None:
+        pass
+    delivered = 0
+    started = time.perf_counter()
+    for n in range(1, messages + 1):
+        now = n * 0.001
+        msg = factory.message(n)
+        conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
+        conn.data_to_send(now)
+        conn.receive_data(REPLIES, now + 0.0005)
+        while (event := conn.next_event()) is not None:
+            if type(event) is PhaseDone:
+                if measure:
+                    record(event.phase, event.elapsed)
+            elif type(event) is MessageDone:
+                delivered += event.delivered
+                if measure:
+                    stats.message_delivered(now, 0.001, msg.size)
+    elapsed = time.perf_counter() - started
+    assert delivered == messages
+    return elapsed / messages * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.client_micro", description=__doc__)
+    p.add_argument("--messages", type=int, default=20000)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    work = min(per_message_us(args.messages, measure=False) for _ in range(args.rounds))
+    full = min(per_message_us(args.messages, measure=True) for _ in range(args.rounds))
+    print(f"load generator, per pipelined message: {work:.1f} us of work (message factory and "
+          f"client state machine), {full:.1f} us with measurement: measuring costs "
+          f"{full - work:.1f} us per message")
+
+
+if __name__ == "__main__":
+    main()
