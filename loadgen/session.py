@@ -7,11 +7,14 @@ reconnecting after ``--per-connection`` messages or a failure, and recording wha
 
 Every message taken from the schedule ends exactly once: delivered, or failed with its error
 counted once under a kind (refused, connect, reset, timeout, tls, protocol, or 4xx/5xx by reply
-code). After a connection-level failure the connection is dropped and the next message opens a
-new one.
+code). After a connection-level failure the connection is dropped, every message in flight on
+it fails, and the next message opens a new one. With ``--pipeline-messages`` a message that is
+already due starts behind the content of the one before it (``ClientConnection.can_start_next``);
+the session then has two in flight, which end in order.
 
-Timeouts: each message runs in one cancel scope whose deadline moves to ``now + --timeout``
-before every write and read, so the timeout is per reply, yet costs one scope per message.
+Timeouts: each chain of messages (one message, or a run of pipelined ones) runs in one cancel
+scope whose deadline moves to ``now + --timeout`` before every write and read, so the timeout
+is per reply, yet costs one scope per chain.
 """
 
 from __future__ import annotations
