@@ -28,7 +28,7 @@ import socket
 
 import trio
 
-from .readiness import Readiness, ReadinessHub
+from .readiness import ReadinessHub
 
 __all__ = ["RECEIVE_SIZE", "SocketTransport"]
 
@@ -106,7 +106,7 @@ class SocketTransport(trio.abc.Stream):
             if readiness is None:
                 await trio.lowlevel.wait_readable(sock)
             elif not readiness.readable:
-                await self._wait_readable(readiness)
+                await readiness.wait_readable()
         elif self._eager_reads >= FAIRNESS_READS:
             self._eager_reads = 0
             await trio.lowlevel.checkpoint()
@@ -119,7 +119,7 @@ class SocketTransport(trio.abc.Stream):
                     await trio.lowlevel.wait_readable(sock)
                 else:
                     readiness.readable = False
-                    await self._wait_readable(readiness)
+                    await readiness.wait_readable()
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
@@ -129,19 +129,12 @@ class SocketTransport(trio.abc.Stream):
             self._eager_reads += 1
             return data
 
-    async def _wait_readable(self, readiness: Readiness) -> None:
-        hub = self._hub
-        assert hub is not None
-        await hub.wait_readable(readiness)
-
     async def _wait_writable(self) -> None:
         readiness = self._readiness
         if readiness is None:
             await trio.lowlevel.wait_writable(self._sock)
         else:
-            hub = self._hub
-            assert hub is not None
-            await hub.wait_writable(readiness)  # only after a send fell short: see send_all
+            await readiness.wait_writable()  # only after a send fell short: see send_all
 
     def close(self) -> None:
         """Close now, without the checkpoint ``aclose`` owes (for callers already done)."""

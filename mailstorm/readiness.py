@@ -44,7 +44,11 @@ _REGISTER_MASK = (
 
 
 class Readiness:
-    """One socket's state in the hub: what arrived unobserved, and who waits."""
+    """One socket's state in the hub: what arrived unobserved, and who waits.
+
+    The waits live here rather than on the hub so that a transport's wait is one call deep:
+    it runs on every request/response turn of every session.
+    """
 
     __slots__ = ("read_task", "readable", "write_task")
 
@@ -53,6 +57,28 @@ class Readiness:
         self.readable = True
         self.read_task: trio.lowlevel.Task | None = None
         self.write_task: trio.lowlevel.Task | None = None
+
+    async def wait_readable(self) -> None:
+        """Sleep until the hub sees this socket's next readable edge."""
+        if self.read_task is not None:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        self.read_task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_read)
+
+    async def wait_writable(self) -> None:
+        """Sleep until the hub sees this socket's next writable edge (after a short send)."""
+        if self.write_task is not None:
+            raise trio.BusyResourceError("another task is already writing this socket")
+        self.write_task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_write)
+
+    def _abort_read(self, _: object) -> trio.lowlevel.Abort:
+        self.read_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _abort_write(self, _: object) -> trio.lowlevel.Abort:
+        self.write_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class ReadinessHub:
@@ -93,33 +119,6 @@ class ReadinessHub:
                     task, outcome.Error(trio.ClosedResourceError("socket was closed"))
                 )
         entry.read_task = entry.write_task = None
-
-    async def wait_readable(self, entry: Readiness) -> None:
-        await self._park(entry, reading=True)
-
-    async def wait_writable(self, entry: Readiness) -> None:
-        await self._park(entry, reading=False)
-
-    async def _park(self, entry: Readiness, *, reading: bool) -> None:
-        """Sleep until ``run`` sees the socket's next readable (or writable) edge."""
-        task = trio.lowlevel.current_task()
-        if (entry.read_task if reading else entry.write_task) is not None:
-            raise trio.BusyResourceError(
-                f"another task is already {'reading' if reading else 'writing'} this socket"
-            )
-        if reading:
-            entry.read_task = task
-        else:
-            entry.write_task = task
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            if reading:
-                entry.read_task = None
-            else:
-                entry.write_task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Wake waiting tasks as their sockets become ready; runs until cancelled."""

@@ -188,7 +188,10 @@ class Session:
         while True:
             event = conn.next_event()
             if event is NeedData:
-                await self._flush()
+                # The replies to everything read so far, in one send (inline: once a command).
+                replies = conn.data_to_send()
+                if replies:
+                    await self.stream.send_all(replies)
                 if self.stopping and not conn.in_transaction:
                     conn.close(R.shutting_down(ctx.policy.hostname))
                     continue
