@@ -82,6 +82,19 @@ async def test_server_that_never_replies_times_out(
 async def test_server_that_stalls_at_end_of_data_times_out(
     fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
+    # The content is read, its reply never comes in time: a timeout in the middle of a message.
+    server = await fake_smtp(eod_delay=10.0)
+    stats = await run(load_config(server.port, sessions=2, messages=4, timeout=0.3))
+    assert stats.failed == 4 and stats.delivered == 0
+    assert dict(stats.errors_by_kind) == {"timeout": 4}
+    assert all(e.startswith("eod: no reply within 0.3s") for e in stats.error_samples)
+    assert server.ended == 4  # every content arrived whole
+    assert stats.connections == 4  # a timed-out connection is not reused
+
+
+async def test_server_that_never_answers_quit_times_out(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
     server = await fake_smtp(hang_on="QUIT")
     stats = await run(load_config(server.port, sessions=2, messages=4, timeout=1.0))
     # The messages were delivered; only the QUITs went unanswered.

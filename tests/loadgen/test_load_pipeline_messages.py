@@ -60,6 +60,18 @@ async def test_a_dropped_connection_fails_every_message_in_flight(
     assert stats.connections == 2
 
 
+async def test_a_timeout_fails_every_message_in_flight(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp(eod_delay=10.0)
+    stats = await run(
+        load_config(server.port, sessions=1, messages=4, timeout=0.3, pipeline_messages=True)
+    )
+    assert stats.failed == 4
+    assert dict(stats.errors_by_kind) == {"timeout": 4}
+    assert stats.connections == 2  # two messages in flight on each connection
+
+
 async def test_refusals_at_end_of_data_do_not_disturb_the_next_message(
     fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
