@@ -117,7 +117,8 @@ class PhaseHistograms:
         self._hists: dict[str, HdrHistogram] = {phase: new_histogram() for phase in PHASES}
         self._pending: dict[str, dict[int, int]] = {phase: {} for phase in PHASES}
 
-    def record(self, phase: str, seconds: float) -> None:
+    def record(self, phase: str, seconds: float) -> int:
+        """Count one latency; returns it as recorded, in whole microseconds."""
         us = int(seconds * 1_000_000 + 0.5)
         if us > HIGHEST_US:
             us = HIGHEST_US
@@ -127,6 +128,7 @@ class PhaseHistograms:
         pending[us] = pending.get(us, 0) + 1
         if len(pending) > MAX_PENDING_VALUES:
             self._flush(phase)
+        return us
 
     def _flush(self, phase: str) -> None:
         pending = self._pending[phase]
@@ -258,8 +260,7 @@ class RunStats:
         self.bytes_delivered += size
         self.last_message_at = now
         self.timeline.add_delivered(int(now - self.started), size)
-        self.phases.record("message", latency)
-        us = int(latency * 1_000_000 + 0.5)
+        us = self.phases.record("message", latency)
         interval = self.interval
         interval[us] = interval.get(us, 0) + 1
 
