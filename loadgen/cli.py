@@ -19,7 +19,13 @@ from loadgen.config import ConfigError, LoadConfig, parse_target
 from loadgen.failif import FailIfError, FailIfExpression
 from loadgen.limits import ephemeral_port_warning, raise_open_files_limit
 from loadgen.stats import RunStats
-from loadgen.workload import AddressTemplate, WorkloadError, parse_size, parse_size_mix
+from loadgen.workload import (
+    AddressTemplate,
+    MessageFactory,
+    WorkloadError,
+    parse_size,
+    parse_size_mix,
+)
 from mailstorm.cliutil import (
     OneLineErrorParser,
     non_negative_int,
@@ -357,13 +363,19 @@ def _check_ip(address: str) -> None:
         raise ConfigError(f"bad --source-address {address!r}: not an IP address") from None
 
 
-def _run_single(config: LoadConfig, stats: RunStats, display: ProgressDisplay | None) -> None:
+def _run_single(
+    config: LoadConfig,
+    stats: RunStats,
+    display: ProgressDisplay | None,
+    factory: MessageFactory | None = None,
+) -> None:
     import trio
 
     from loadgen.live import ProgressSnapshot
     from loadgen.runner import build_factory, run_load
 
-    factory = build_factory(config)
+    if factory is None:
+        factory = build_factory(config)
 
     def on_progress(run_stats: RunStats, now: float) -> None:
         assert display is not None
@@ -383,12 +395,13 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code or 0)
     err = Console(stderr=True, highlight=False)
+    factory: MessageFactory | None = None
     try:
         config = config_from_args(args)
         if config.eml:
             from loadgen.runner import build_factory
 
-            build_factory(config)  # reads the files now: a bad --eml is a usage error
+            factory = build_factory(config)  # reads the files now: a bad --eml is a usage error
     except (ConfigError, WorkloadError, FailIfError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -423,7 +436,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
             run_procs(config, stats, display=display)
         else:
-            _run_single(config, stats, display)
+            _run_single(config, stats, display, factory)
     except KeyboardInterrupt:
         status = 130
         err.print("interrupted: reporting what was measured so far")
