@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import outcome
 import trio
@@ -58,19 +60,23 @@ class Readiness:
         self.read_task: trio.lowlevel.Task | None = None
         self.write_task: trio.lowlevel.Task | None = None
 
-    async def wait_readable(self) -> None:
-        """Sleep until the hub sees this socket's next readable edge."""
+    # Not coroutines themselves: each returns trio's own wait to be awaited, one frame less on
+    # every wake-up of every session.
+
+    def wait_readable(self) -> Coroutine[Any, Any, object]:
+        """Sleep (when awaited) until the hub sees this socket's next readable edge."""
         if self.read_task is not None:
             raise trio.BusyResourceError("another task is already reading this socket")
         self.read_task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_read)
+        return trio.lowlevel.wait_task_rescheduled(self._abort_read)
 
-    async def wait_writable(self) -> None:
-        """Sleep until the hub sees this socket's next writable edge (after a short send)."""
+    def wait_writable(self) -> Coroutine[Any, Any, object]:
+        """Sleep (when awaited) until the hub sees this socket's next writable edge (after a
+        short send)."""
         if self.write_task is not None:
             raise trio.BusyResourceError("another task is already writing this socket")
         self.write_task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_write)
+        return trio.lowlevel.wait_task_rescheduled(self._abort_write)
 
     def _abort_read(self, _: object) -> trio.lowlevel.Abort:
         self.read_task = None

@@ -354,7 +354,15 @@ class ServerConnection:
             return Closed() if self._eof else NeedData
         if line is _LINE_REFUSED:
             return None
-        return self._dispatch_line(line)
+        event = self._dispatch_line(line)
+        mode = self.mode
+        if event is None and not self._buf and not self._eof and (
+            mode is Mode.COMMAND or mode is Mode.DATA
+        ):
+            # Nothing more buffered, and the next reader (command or DATA) would only say so:
+            # ask for more now. Saves a second reader pass per command, the common case.
+            return NeedData
+        return event
 
     def _dispatch_line(self, line: bytes) -> Event | None:
         if len(line) > MAX_COMMAND_LINE - 2 and (
