@@ -3,7 +3,7 @@
 Why: trio registers a socket with its epoll in one-shot mode, so every wait for input costs an
 ``epoll_ctl`` system call to re-arm it plus the bookkeeping around it (a waiter object made and
 dropped). A request/response SMTP session waits four times per message; on the sink's hot path
-that was a tenth of the CPU. Here each socket is registered once, edge-triggered, in an epoll set
+that was 15-20% of the CPU. Here each socket is registered once, edge-triggered, in an epoll set
 of our own; one task (``ReadinessHub.run``) waits for that set with an ordinary trio wait and
 wakes the tasks whose sockets became ready. A wait is then a flag test and a park.
 
@@ -13,9 +13,9 @@ short read); ``Readiness.readable`` remembers an arrival seen while nobody was w
 writer parks only after a send fell short, and the kernel reports space again after that.
 Spurious wake-ups are harmless: the transport retries the system call and parks again.
 
-Resource handling: the hub's task lives in the nursery of whoever serves the sockets (the
-sink's sessions nursery, the load generator's run) and must outlive every socket registered
-with it; ``forget`` is called before a socket is closed and wakes any task still waiting on
+Resource handling: the hub's task lives in a nursery that encloses the tasks using its
+sockets (in the sink, one around the sessions' nursery; in the load generator, the run's outer
+nursery), so it outlives every socket registered with it; ``forget`` is called before a socket is closed and wakes any task still waiting on
 it with ``trio.ClosedResourceError``. On platforms without epoll there is no hub, and
 ``SocketTransport`` waits through trio as usual.
 """
