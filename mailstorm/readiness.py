@@ -15,9 +15,9 @@ Spurious wake-ups are harmless: the transport retries the system call and parks 
 
 Resource handling: the hub's task lives in a nursery that encloses the tasks using its
 sockets (in the sink, one around the sessions' nursery; in the load generator, the run's outer
-nursery), so it outlives every socket registered with it; ``forget`` is called before a socket is closed and wakes any task still waiting on
-it with ``trio.ClosedResourceError``. On platforms without epoll there is no hub, and
-``SocketTransport`` waits through trio as usual.
+nursery), so it outlives every socket registered with it. ``forget`` is called before a
+socket is closed and wakes any task still waiting on it with ``trio.ClosedResourceError``. On
+platforms without epoll there is no hub, and ``SocketTransport`` waits through trio as usual.
 """
 
 from __future__ import annotations
