@@ -145,6 +145,8 @@ def build_report(
             "cpu_per_1000_messages": (
                 round(stats.cpu_s * 1000 / stats.delivered, 4) if stats.delivered else None
             ),
+            # Connections where --pipeline-messages did nothing: the server lacks PIPELINING.
+            "unpipelined_connections": stats.unpipelined_connections,
         },
         "histograms": stats.phases.encode(),
     }
@@ -216,6 +218,13 @@ def render_table(report: dict[str, Any], console: Console) -> None:
                 soft_wrap=True,
             )
     generator = report.get("generator", {})
+    if generator.get("unpipelined_connections"):
+        console.print(
+            f"[bold yellow]warning[/]: --pipeline-messages had no effect on "
+            f"{generator['unpipelined_connections']} connection(s): the server does not offer "
+            "PIPELINING (--pipelining on sends pipelined anyway)",
+            soft_wrap=True,
+        )
     if generator.get("saturated"):
         console.print(
             f"[bold yellow]warning[/]: the load generator itself was saturated (event loop "

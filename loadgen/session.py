@@ -267,6 +267,8 @@ class LoadSession:
         while True:
             event = await self._pump()
             if event is Ready:
+                if ctx.config.pipeline_messages and not conn.pipelining:
+                    stats.unpipelined_connections += 1  # the report warns: the flag did nothing
                 return
             if event is StartTLS:
                 self.stream = await self._handshake(self.stream)

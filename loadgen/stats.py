@@ -252,6 +252,8 @@ class RunStats:
     #: CPU seconds (user + system) this process spent from the start to the end of the run,
     #: without the interpreter's start-up; summed over processes by ``merge``.
     cpu_s: float = 0.0
+    #: Connections on which ``--pipeline-messages`` could not apply (no PIPELINING offered).
+    unpipelined_connections: int = 0
 
     # -- recording (hot path) --------------------------------------------------------------
 
@@ -344,6 +346,7 @@ class RunStats:
             "error_samples": dict(self.error_samples),
             "loop_lag": {str(k): v for k, v in self.loop_lag.items()},
             "cpu_s": self.cpu_s,
+            "unpipelined_connections": self.unpipelined_connections,
         }
 
     @classmethod
@@ -363,6 +366,7 @@ class RunStats:
             error_samples=Counter(data["error_samples"]),
             loop_lag=Counter({int(k): v for k, v in data.get("loop_lag", {}).items()}),
             cpu_s=data.get("cpu_s", 0.0),
+            unpipelined_connections=data.get("unpipelined_connections", 0),
         )
 
     def merge(self, other: RunStats) -> None:
@@ -380,6 +384,7 @@ class RunStats:
         self.errors_by_code.update(other.errors_by_code)
         self.loop_lag.update(other.loop_lag)
         self.cpu_s += other.cpu_s
+        self.unpipelined_connections += other.unpipelined_connections
         for detail, count in other.error_samples.items():
             if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
                 self.error_samples[detail] += count

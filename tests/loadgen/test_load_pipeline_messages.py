@@ -36,6 +36,25 @@ async def test_messages_ride_with_the_content_before_them(
     assert stats.delivered == 40 and server.mail_behind_content == 0  # off by default
 
 
+async def test_without_pipelining_offered_the_report_says_it_did_nothing(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from loadgen.report import build_report, render_table
+
+    server = await fake_smtp(extensions=("8BITMIME",))
+    config = load_config(server.port, sessions=2, messages=10, pipeline_messages=True)
+    stats = await run(config)
+    assert stats.delivered == 10 and server.mail_behind_content == 0
+    assert stats.unpipelined_connections == stats.connections == 2
+    out = io.StringIO()
+    render_table(build_report(config, stats), Console(file=out, width=200))
+    assert "--pipeline-messages had no effect on 2 connection(s)" in out.getvalue()
+
+
 async def test_per_connection_is_kept(
     fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:

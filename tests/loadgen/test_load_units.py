@@ -310,7 +310,8 @@ def test_report_says_when_the_generator_was_saturated() -> None:
     report = build_report(LoadConfig(target=parse_target("127.0.0.1:25")), stats)
     assert report["generator"] == {"loop_lag_p99_ms": 200, "loop_lag_max_ms": 200,
                                    "saturated": True, "cpu_s": 0.0,
-                                   "cpu_per_1000_messages": None}
+                                   "cpu_per_1000_messages": None,
+                                   "unpipelined_connections": 0}
     out = io.StringIO()
     render_table(report, Console(file=out, width=200))
     assert "the load generator itself was saturated" in out.getvalue()
