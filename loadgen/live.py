@@ -31,7 +31,6 @@ class ProgressSnapshot:
     attempted: int = 0
     delivered: int = 0
     failed: int = 0
-    errors: int = 0
     bytes: int = 0
     interval: HdrHistogram = field(default_factory=new_histogram)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
@@ -44,11 +43,14 @@ class ProgressSnapshot:
             attempted=stats.attempted,
             delivered=stats.delivered,
             failed=stats.failed,
-            errors=stats.errors,
             bytes=stats.bytes_delivered,
             interval=stats.take_interval(),
             errors_by_kind=dict(stats.errors_by_kind),
         )
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
 
     def add(self, other: ProgressSnapshot) -> None:
         """Combine the snapshots of several processes."""
@@ -56,7 +58,6 @@ class ProgressSnapshot:
         self.attempted += other.attempted
         self.delivered += other.delivered
         self.failed += other.failed
-        self.errors += other.errors
         self.bytes += other.bytes
         self.interval.add(other.interval)
         for kind, n in other.errors_by_kind.items():

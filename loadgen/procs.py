@@ -84,7 +84,6 @@ def _snapshot_to_wire(snap: ProgressSnapshot) -> dict[str, Any]:
         "attempted": snap.attempted,
         "delivered": snap.delivered,
         "failed": snap.failed,
-        "errors": snap.errors,
         "bytes": snap.bytes,
         "interval": snap.interval.encode() if snap.interval.get_total_count() else None,
         "errors_by_kind": snap.errors_by_kind,
@@ -99,7 +98,6 @@ def _snapshot_from_wire(data: dict[str, Any]) -> ProgressSnapshot:
         attempted=data["attempted"],
         delivered=data["delivered"],
         failed=data["failed"],
-        errors=data["errors"],
         bytes=data["bytes"],
         errors_by_kind=data["errors_by_kind"],
     )
