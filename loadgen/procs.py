@@ -45,11 +45,11 @@ def _worker_main(
     """Entry point of a worker process."""
     import trio
 
-    from loadgen.limits import raise_open_files_limit
     from loadgen.runner import build_factory, run_load
 
+    # The open-files limit needs no raising here: the parent raised it, and a spawned worker
+    # inherits it.
     try:
-        raise_open_files_limit(config.sessions_for(worker, workers))
         factory = build_factory(config)
         results.put(("ready", worker, None))
         go.wait()
