@@ -104,42 +104,36 @@ class MessageTickets:
         # Worker w takes messages w, w + workers, ...: one global numbering across processes.
         self._next = worker
 
-    def take_now(self) -> tuple[int, float] | None:
-        """The next message if it is due already, else None (not yet due, or the run is
-        over): for a session that can start one without waiting, or not at all."""
-        n = self._next
-        if self.messages is not None and n >= self.messages:
-            return None
-        now = trio.current_time()
-        schedule = self.schedule
-        if schedule is None:
-            if now >= self.deadline:
-                return None
-            self._next = n + self.workers
-            return n, now
-        offset = schedule.offset(n)
-        due = self.start + offset
-        if (self.duration is not None and offset >= self.duration) or due > now:
-            return None
-        self._next = n + self.workers
-        return n, due
-
-    async def take(self) -> tuple[int, float] | None:
+    def _upcoming(self) -> tuple[int, float] | None:
+        """The next message and when it is due (now, in closed loop), not yet taken; None
+        when the run is over."""
         n = self._next
         if self.messages is not None and n >= self.messages:
             return None
         schedule = self.schedule
         if schedule is None:
             now = trio.current_time()
-            if now >= self.deadline:
-                return None
-            self._next = n + self.workers
-            return n, now
+            return None if now >= self.deadline else (n, now)
         offset = schedule.offset(n)
         if self.duration is not None and offset >= self.duration:
             return None
-        self._next = n + self.workers
-        due = self.start + offset
-        if due > trio.current_time():
+        return n, self.start + offset
+
+    def take_now(self) -> tuple[int, float] | None:
+        """The next message if it is due already, else None (not yet due, or the run is
+        over): for a session that can start one without waiting, or not at all."""
+        upcoming = self._upcoming()
+        if upcoming is None or (self.schedule is not None and upcoming[1] > trio.current_time()):
+            return None
+        self._next += self.workers
+        return upcoming
+
+    async def take(self) -> tuple[int, float] | None:
+        upcoming = self._upcoming()
+        if upcoming is None:
+            return None
+        self._next += self.workers
+        due = upcoming[1]
+        if self.schedule is not None and due > trio.current_time():
             await trio.sleep_until(due)
-        return n, due
+        return upcoming
