@@ -118,14 +118,14 @@ class SocketTransport(trio.abc.Stream):
                 if readiness is None:
                     await trio.lowlevel.wait_readable(sock)
                 else:
-                    readiness.readable = False
+                    readiness.readable = readiness.hangup
                     await readiness.wait_readable()
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             if readiness is not None and len(data) < size:
                 # Drained: the next arrival is a new edge, seen by the hub.
-                readiness.readable = False
+                readiness.readable = readiness.hangup
             self._eager_reads += 1
             return data
 

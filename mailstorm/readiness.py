@@ -9,7 +9,9 @@ wakes the tasks whose sockets became ready. A wait is then a flag test and a par
 
 Edge-triggered rules, which ``SocketTransport`` follows: a socket reports readable once per
 arrival of data, so a reader may only park after the kernel said "nothing there" (EAGAIN or a
-short read); ``Readiness.readable`` remembers an arrival seen while nobody was waiting. A
+short read); ``Readiness.readable`` remembers an arrival seen while nobody was waiting. The
+peer's last data and its end of stream can come as one edge, so after a hang-up a short read
+is no proof of "nothing there": ``Readiness.hangup`` keeps the socket readable for good. A
 writer parks only after a send fell short, and the kernel reports space again after that.
 Spurious wake-ups are harmless: the transport retries the system call and parks again.
 
@@ -39,6 +41,8 @@ _HAS_EPOLL = hasattr(select, "epoll")
 _READ_EVENTS = (
     (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
 )
+#: The peer closed or the connection failed: from then on a read never blocks.
+_HANGUP_EVENTS = (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
 _WRITE_EVENTS = (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) if _HAS_EPOLL else 0
 _REGISTER_MASK = (
     (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET) if _HAS_EPOLL else 0
@@ -52,11 +56,14 @@ class Readiness:
     it runs on every request/response turn of every session.
     """
 
-    __slots__ = ("read_task", "readable", "write_task")
+    __slots__ = ("hangup", "read_task", "readable", "write_task")
 
     def __init__(self) -> None:
         #: Data arrived (or the peer closed) since a reader last found the socket drained.
         self.readable = True
+        #: The peer closed (or the connection failed): reads never block again, so a reader
+        #: that found the socket drained sets ``readable`` to this rather than to False.
+        self.hangup = False
         self.read_task: trio.lowlevel.Task | None = None
         self.write_task: trio.lowlevel.Task | None = None
 
@@ -142,6 +149,8 @@ class ReadinessHub:
                     if entry is None:
                         continue
                     if flags & _READ_EVENTS:
+                        if flags & _HANGUP_EVENTS:
+                            entry.hangup = True
                         task = entry.read_task
                         if task is None:
                             entry.readable = True

@@ -172,3 +172,21 @@ async def test_two_readers_is_a_usage_error(running_hub: ReadinessHub) -> None:
             await transport.receive_some()
         transport.close()
     peer.close()
+
+
+async def test_data_and_end_of_stream_in_one_edge_after_a_send(hub: ReadinessHub | None) -> None:
+    # The peer's last data and its FIN arrive before anybody looks: the hub sees them as one
+    # edge. A short read returns the data, and the read after the reply must still see the end
+    # of the stream rather than park for an edge that will never come.
+    mine, peer = _tcp_pair()
+    transport = SocketTransport(mine, hub)
+    with trio.fail_after(10):
+        await transport.send_all(b"banner\r\n")
+        peer.sendall(b"QUIT\r\n")
+        peer.shutdown(socket.SHUT_WR)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await transport.receive_some() == b"QUIT\r\n"
+        await transport.send_all(b"221 bye\r\n")
+        assert await transport.receive_some() == b""
+    transport.close()
+    peer.close()
