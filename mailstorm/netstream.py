@@ -25,6 +25,7 @@ It never parses SMTP and never times anything. Errors: a reset or vanished peer 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -128,6 +129,51 @@ class SocketTransport(trio.abc.Stream):
                 readiness.readable = readiness.hangup
             self._eager_reads += 1
             return data
+
+    # ---- the inline mode: a reader that runs on the readiness hub's turn ---------------------
+
+    @property
+    def drained(self) -> bool:
+        """Whether a read found the socket empty since its last arrival (only with a hub)."""
+        readiness = self._readiness
+        return readiness is not None and not readiness.readable
+
+    async def wait_inline(self, handler: Callable[[], bool]) -> None:
+        """Sleep while ``handler`` deals with the socket's arrivals by itself, on the hub's turn.
+
+        Only while ``drained``: input already waiting would announce no new edge. ``handler``
+        reads with ``receive_nowait`` and answers with ``send_nowait``; it returns True to sleep
+        on, False to wake this task. An error it raises is raised here.
+        """
+        readiness = self._readiness
+        assert readiness is not None and not readiness.readable, "wait_inline needs drained"
+        self._eager_reads = 0
+        await readiness.wait_readable_inline(handler)
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """One receive that never waits: None when nothing is there yet."""
+        readiness = self._readiness
+        assert readiness is not None, "receive_nowait needs a readiness hub"
+        try:
+            data = self._sock.recv(max_bytes)
+        except BlockingIOError:
+            readiness.readable = readiness.hangup
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if len(data) < max_bytes:
+            readiness.readable = readiness.hangup
+        return data
+
+    def send_nowait(self, data: bytes) -> int:
+        """Send what fits in the socket buffer now; the count sent (the rest is the caller's)."""
+        self._just_sent = True
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def _wait_writable(self) -> None:
         readiness = self._readiness

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import outcome
@@ -56,7 +56,7 @@ class Readiness:
     it runs on every request/response turn of every session.
     """
 
-    __slots__ = ("hangup", "read_task", "readable", "write_task")
+    __slots__ = ("hangup", "inline", "read_task", "readable", "write_task")
 
     def __init__(self) -> None:
         #: Data arrived (or the peer closed) since a reader last found the socket drained.
@@ -66,6 +66,8 @@ class Readiness:
         self.hangup = False
         self.read_task: trio.lowlevel.Task | None = None
         self.write_task: trio.lowlevel.Task | None = None
+        #: Set while ``read_task`` waits in ``wait_readable_inline``: run on the hub's turn.
+        self.inline: Callable[[], bool] | None = None
 
     # Not coroutines themselves: each returns trio's own wait to be awaited, one frame less on
     # every wake-up of every session.
@@ -75,6 +77,19 @@ class Readiness:
         if self.read_task is not None:
             raise trio.BusyResourceError("another task is already reading this socket")
         self.read_task = trio.lowlevel.current_task()
+        return trio.lowlevel.wait_task_rescheduled(self._abort_read)
+
+    def wait_readable_inline(self, handler: Callable[[], bool]) -> Coroutine[Any, Any, object]:
+        """Sleep (when awaited) while ``handler`` can deal with each readable edge by itself.
+
+        On every readable edge the hub calls ``handler()`` in its own turn; the waiting task is
+        woken only when the handler returns False (or raises: the task then gets the error).
+        The handler must not block or wait: it is synchronous code run for the waiting task.
+        """
+        if self.read_task is not None:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        self.read_task = trio.lowlevel.current_task()
+        self.inline = handler
         return trio.lowlevel.wait_task_rescheduled(self._abort_read)
 
     def wait_writable(self) -> Coroutine[Any, Any, object]:
@@ -87,11 +102,28 @@ class Readiness:
 
     def _abort_read(self, _: object) -> trio.lowlevel.Abort:
         self.read_task = None
+        self.inline = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _abort_write(self, _: object) -> trio.lowlevel.Abort:
         self.write_task = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+def _run_inline(entry: Readiness, task: trio.lowlevel.Task) -> None:
+    """Give a readable edge to the waiting task's inline handler; wake the task if it asks."""
+    handler = entry.inline
+    assert handler is not None
+    try:
+        if handler():
+            return  # handled: the task sleeps on, the handler stays armed
+        result: outcome.Outcome[object] = outcome.Value(None)
+    except Exception as exc:  # the task's own code failed: the task gets the error
+        result = outcome.Error(exc)
+    if entry.read_task is task:  # the handler may have woken the task itself (forget)
+        entry.read_task = None
+        entry.inline = None
+        trio.lowlevel.reschedule(task, result)
 
 
 class ReadinessHub:
@@ -132,6 +164,7 @@ class ReadinessHub:
                     task, outcome.Error(trio.ClosedResourceError("socket was closed"))
                 )
         entry.read_task = entry.write_task = None
+        entry.inline = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Wake waiting tasks as their sockets become ready; runs until cancelled."""
@@ -154,9 +187,12 @@ class ReadinessHub:
                         task = entry.read_task
                         if task is None:
                             entry.readable = True
-                        else:
+                        elif entry.inline is None:
                             entry.read_task = None
                             reschedule(task)
+                        else:
+                            entry.readable = True
+                            _run_inline(entry, task)
                     if flags & _WRITE_EVENTS:
                         task = entry.write_task
                         if task is not None:

@@ -190,3 +190,119 @@ async def test_data_and_end_of_stream_in_one_edge_after_a_send(hub: ReadinessHub
         assert await transport.receive_some() == b""
     transport.close()
     peer.close()
+
+
+# ---- the inline mode: a handler run on the hub's turn ----------------------------------------
+
+
+class EchoHandler:
+    """An inline handler that answers each arrival in upper case, until it reads b"stop"."""
+
+    def __init__(self, transport: SocketTransport) -> None:
+        self.transport = transport
+        self.calls = 0
+        self.fail = False
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.fail:
+            raise ValueError("handler failed")
+        data = self.transport.receive_nowait(RECEIVE_SIZE)
+        if data is None:
+            return True
+        if data == b"stop":
+            return False
+        self.transport.send_nowait(data.upper())
+        return True
+
+
+def _drained_pair(hub: ReadinessHub) -> tuple[SocketTransport, socket.socket]:
+    """A transport that has found its socket empty (as ``wait_inline`` requires), and its peer."""
+    mine, peer = _tcp_pair()
+    peer.settimeout(10)  # the peer's recv runs in a thread: a failure must not hang the test
+    transport = SocketTransport(mine, hub)
+    assert transport.receive_nowait(RECEIVE_SIZE) is None
+    assert transport.drained
+    return transport, peer
+
+
+async def test_inline_handler_answers_without_waking_the_task(running_hub: ReadinessHub) -> None:
+    transport, peer = _drained_pair(running_hub)
+    handler = EchoHandler(transport)
+    woke = trio.Event()
+
+    async def wait() -> None:
+        await transport.wait_inline(handler)
+        woke.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()  # parked before anything arrives
+            for i in range(50):
+                peer.sendall(b"ping %d" % i)
+                assert await trio.to_thread.run_sync(peer.recv, 100) == b"PING %d" % i
+                assert not woke.is_set()
+            peer.sendall(b"stop")
+    assert woke.is_set()
+    assert handler.calls == 51
+    transport.close()
+    peer.close()
+
+
+async def test_inline_handler_error_is_raised_in_the_waiting_task(
+    running_hub: ReadinessHub,
+) -> None:
+    transport, peer = _drained_pair(running_hub)
+    handler = EchoHandler(transport)
+    raised: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await transport.wait_inline(handler)
+        except ValueError as exc:
+            raised.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            peer.sendall(b"first")
+            assert await trio.to_thread.run_sync(peer.recv, 100) == b"FIRST"
+            handler.fail = True
+            peer.sendall(b"second")
+    assert [str(exc) for exc in raised] == ["handler failed"]
+    transport.close()
+    peer.close()
+
+
+async def test_cancelled_inline_wait_disarms_the_handler(running_hub: ReadinessHub) -> None:
+    transport, peer = _drained_pair(running_hub)
+    handler = EchoHandler(transport)
+    with trio.move_on_after(0.05):
+        await transport.wait_inline(handler)
+    peer.sendall(b"after")
+    await trio.sleep(0.05)
+    assert handler.calls == 0  # nobody waits any more: the arrival is only remembered
+    assert not transport.drained
+    with trio.fail_after(10):
+        assert await transport.receive_some() == b"after"
+    transport.close()
+    peer.close()
+
+
+async def test_closing_the_socket_ends_an_inline_wait(running_hub: ReadinessHub) -> None:
+    transport, peer = _drained_pair(running_hub)
+    handler = EchoHandler(transport)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await transport.wait_inline(handler)
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            transport.close()
+    assert handler.calls == 0
+    peer.close()
