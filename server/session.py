@@ -29,6 +29,7 @@ from smtpwire import reply_table as R
 from smtpwire.events import (
     AuthAttempt,
     Closed,
+    Event,
     MessageReceived,
     MessageRefused,
     NeedData,
@@ -69,7 +70,8 @@ class SessionContext:
     ssl_context: ssl.SSLContext | None
     command_timeout: float
     data_timeout: float
-    #: Whether the store keeps messages (then trace headers are built for each one).
+    #: Whether the store keeps messages (then trace headers are built for each one). One
+    #: that does not never waits either, so ``Session._on_readable`` counts its messages.
     keeps_messages: bool
     #: Where plain sockets learn readiness (None: through trio's own waits).
     hub: ReadinessHub | None = None
@@ -136,6 +138,13 @@ class Session:
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
         self._waiting_for_input = False
+        #: The TCP stream under any TLS: while it is the session's stream and has a readiness
+        #: hub, the hub runs ``_on_readable`` for it (see ``_next_input``).
+        self._plain = plain
+        #: Where ``_on_readable`` stopped: the event the woken task handles next.
+        self._resume_event: Event = NeedData
+        #: Replies ``_on_readable`` could not send without waiting.
+        self._unsent = b""
 
     # ---- lifecycle hooks called by the server ------------------------------------------
 
@@ -185,25 +194,12 @@ class Session:
     async def _loop(self) -> None:
         conn = self.conn
         ctx = self.ctx
+        event = conn.next_event()
         while True:
-            event = conn.next_event()
             if event is NeedData:
-                # The replies to everything read so far, in one send (inline: once a command).
-                replies = conn.data_to_send()
-                if replies:
-                    await self.stream.send_all(replies)
-                if self.stopping and not conn.in_transaction:
-                    conn.close(R.shutting_down(ctx.policy.hostname))
-                    continue
-                timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
-                self.idle_deadline = trio.current_time() + timeout
-                self._waiting_for_input = True
-                try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                finally:
-                    self._waiting_for_input = False
-                conn.receive_data(data)
-            elif type(event) is MessageReceived:
+                event = await self._next_input()
+                continue
+            if type(event) is MessageReceived:
                 await self._deliver(event)
             elif type(event) is MessageRefused:
                 ctx.stats.messages_refused += 1
@@ -217,6 +213,84 @@ class Session:
             elif type(event) is Closed:
                 await self._flush()
                 return
+            event = conn.next_event()
+
+    async def _next_input(self) -> Event:
+        """Answer everything read so far, wait for more input, and return the next event."""
+        conn = self.conn
+        ctx = self.ctx
+        # The replies to everything read so far, in one send (inline: once a command).
+        replies = conn.data_to_send()
+        if replies:
+            await self.stream.send_all(replies)
+        if self.stopping and not conn.in_transaction:
+            conn.close(R.shutting_down(ctx.policy.hostname))
+            return conn.next_event()
+        timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
+        self.idle_deadline = trio.current_time() + timeout
+        plain = self._plain
+        self._waiting_for_input = True
+        try:
+            if self.stream is plain and plain.drained:
+                self._resume_event = NeedData
+                await plain.wait_inline(self._on_readable)
+                return await self._resume_inline()
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        finally:
+            self._waiting_for_input = False
+        conn.receive_data(data)
+        return conn.next_event()
+
+    # ---- the inline fast path ----------------------------------------------------------------
+    #
+    # Why: a lock-step client (one command per write, as smtp-source and most MTAs send) cost
+    # the sink four task wake-ups per message, and a trio task switch costs more than parsing
+    # the command. So while the task waits for input on a plain socket, the readiness hub calls
+    # ``_on_readable`` on each arrival, in its own turn: one read, fed to the core, replies
+    # sent, discarded messages counted, without waking the task. Whatever needs waiting (a
+    # store that writes, AUTH, STARTTLS, a full socket buffer, the end of the session, a
+    # shutdown) or more input than one read (a large body, which the task then reads with the
+    # transport's fairness) wakes the task, which goes on from the event ``_on_readable``
+    # stopped at. The task still owns the session: its cancel scope (timeouts, shutdown) ends
+    # the wait at any time, and the protocol is still only the core's.
+
+    async def _resume_inline(self) -> Event:
+        """Woken from the inline wait: finish what ``_on_readable`` left, return its event."""
+        unsent, self._unsent = self._unsent, b""
+        if unsent:
+            await self._plain.send_all(unsent)
+        return self._resume_event
+
+    def _on_readable(self) -> bool:
+        """Run on the hub's turn: True to let the task sleep on, False to wake it."""
+        plain = self._plain
+        conn = self.conn
+        ctx = self.ctx
+        data = plain.receive_nowait(RECEIVE_SIZE)
+        if data is None:
+            return True  # nothing new after all (edges may be spurious)
+        conn.receive_data(data)
+        event = conn.next_event()
+        while event is not NeedData:
+            if type(event) is MessageReceived and not ctx.keeps_messages:
+                self._count_delivery(event, _queue_ids.next())
+            elif type(event) is MessageRefused:
+                ctx.stats.messages_refused += 1
+            else:
+                self._resume_event = event
+                return False
+            event = conn.next_event()
+        replies = conn.data_to_send()
+        if replies:
+            sent = plain.send_nowait(replies)
+            if sent < len(replies):
+                self._unsent = replies[sent:]  # the task waits for buffer space
+                return False
+        if (self.stopping and not conn.in_transaction) or not plain.drained:
+            return False
+        timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
+        self.idle_deadline = trio.current_time() + timeout
+        return True
 
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -274,9 +348,14 @@ class Session:
             log.error("storing message %s failed: %s", queue_id, exc)
             self.conn.message_failed()
             return
+        self._count_delivery(event, queue_id)
+
+    def _count_delivery(self, event: MessageReceived, queue_id: str) -> None:
+        """The message is stored (or discarded): count it and send the 250."""
+        stats = self.ctx.stats
         stats.messages += 1
         stats.bytes += len(event.content)
-        stats.recipients += len(envelope.rcpt_tos)
+        stats.recipients += len(event.envelope.rcpt_tos)
         self.conn.message_stored(queue_id)
 
     async def _check_credentials(self, event: AuthAttempt) -> None:
