@@ -12,6 +12,10 @@ it fails, and the next message opens a new one. With ``--pipeline-messages`` a m
 already due starts behind the content of the one before it (``ClientConnection.can_start_next``);
 the session then has two in flight, which end in order.
 
+Waiting for replies on a plain connection is inline (``mailstorm.readiness``): the readiness
+hub reads, records and writes for the session in its own turn, and wakes the task only for
+what needs it, so a steady chain of messages costs no task switch per message.
+
 Timeouts: each chain of messages (one message, or a run of pipelined ones) runs in one cancel
 scope whose deadline moves to ``now + --timeout`` before every write and read, so the timeout
 is per reply, yet costs one scope per chain.
@@ -101,7 +105,18 @@ class _Failure(Exception):
 class LoadSession:
     """One concurrent session: takes messages, keeps a connection open between them."""
 
-    __slots__ = ("conn", "ctx", "inflight", "now", "on_connection", "scope", "stream", "tickets")
+    __slots__ = (
+        "conn",
+        "ctx",
+        "inflight",
+        "now",
+        "on_connection",
+        "resume",
+        "scope",
+        "stream",
+        "tickets",
+        "unsent",
+    )
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
@@ -116,6 +131,10 @@ class LoadSession:
         self.scope = trio.CancelScope()
         #: The clock at the session's latest read (when the latest reply arrived).
         self.now = 0.0
+        #: Where ``_on_readable`` stopped: the event the woken task handles next (None: none).
+        self.resume: ClientEvent | None = None
+        #: What ``_on_readable`` could not send without waiting.
+        self.unsent = b""
 
     # -- the message loop ------------------------------------------------------------------
 
@@ -155,13 +174,7 @@ class LoadSession:
                     if type(event) is not MessageDone:
                         failure = self._session_failure(event)
                         break
-                    now = self.now  # when the reply that ended the message arrived
-                    message_due, size = inflight.popleft()
-                    if event.delivered:
-                        stats.message_delivered(now, now - message_due, size)
-                    else:
-                        stats.message_failed(now)
-                    self.on_connection += 1
+                    self._end_message(event)
                 else:
                     per_connection = ctx.config.per_connection
                     if per_connection and self.on_connection >= per_connection:
@@ -184,6 +197,16 @@ class LoadSession:
                 stats.error(failure.kind, failure.detail)
             stats.message_failed(now)
         await self.abort()
+
+    def _end_message(self, event: MessageDone) -> None:
+        """The oldest message in flight is over: count it, at the time its last reply came."""
+        now = self.now
+        message_due, size = self.inflight.popleft()
+        if event.delivered:
+            self.ctx.stats.message_delivered(now, now - message_due, size)
+        else:
+            self.ctx.stats.message_failed(now)
+        self.on_connection += 1
 
     def _start_next(self, conn: ClientConnection, tickets: MessageTickets) -> None:
         """Start the next message behind the current one, if it is due and allowed."""
@@ -294,46 +317,104 @@ class LoadSession:
     # -- the I/O pump ----------------------------------------------------------------------
 
     async def _pump(self) -> ClientEvent:
-        """Write and read until the connection has an event other than a timed reply.
+        """Write and read until the connection has an event that ``_advance`` leaves to us.
 
-        Timed replies are recorded here; errors in them (4xx, 5xx) are counted here, once.
+        A plain connection that has read all there is waits inline: the readiness hub runs
+        ``_on_readable`` on each arrival, and this task wakes only for what that cannot do.
         """
         conn = self.conn
         stream = self.stream
         assert conn is not None and stream is not None
+        while True:
+            event = self._advance(conn)
+            if event is not None:
+                return event
+            if conn.wants_to_send:
+                await stream.send_all(self._outgoing(conn, trio.current_time()))
+                continue
+            self._refresh_deadline(self.now)
+            if type(stream) is SocketTransport and stream.drained:
+                self.resume = None
+                await stream.wait_inline(self._on_readable)
+                unsent, self.unsent = self.unsent, b""
+                if unsent:
+                    await stream.send_all(unsent)
+                if self.resume is not None:
+                    return self.resume
+            else:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                self.now = trio.current_time()
+                conn.receive_data(data, self.now)
+
+    def _on_readable(self) -> bool:
+        """Run on the readiness hub's turn: True to let the task sleep on, False to wake it.
+
+        Why: with ``--pipeline-messages`` every message is one write and one read, and waking
+        the session's task for each read cost more than the client's own work for it. Here a
+        read, its timed replies, the messages it ends and the next write happen in the hub's
+        turn; anything else (a failure, the end of a chain, a full socket buffer, more input
+        than one read) is left to the task, which owns the connection and its cancel scope.
+        """
+        stream = self.stream
+        conn = self.conn
+        assert type(stream) is SocketTransport and conn is not None
+        data = stream.receive_nowait(RECEIVE_SIZE)
+        if data is None:
+            return True  # nothing new after all (edges may be spurious)
+        now = self.now = trio.current_time()
+        conn.receive_data(data, now)
+        while True:
+            event = self._advance(conn)
+            if event is not None:
+                self.resume = event
+                return False
+            if not conn.wants_to_send:
+                break
+            out = self._outgoing(conn, now)
+            sent = stream.send_nowait(out)
+            if sent < len(out):
+                self.unsent = out[sent:]  # the task waits for buffer space
+                return False
+        if not stream.drained:
+            return False  # more than one read waiting: the task reads on
+        self._refresh_deadline(now)
+        return True
+
+    def _advance(self, conn: ClientConnection) -> ClientEvent | None:
+        """Take the connection's events that need no waiting; return the first other one.
+
+        Timed replies are recorded (errors among them counted, once), and a message that
+        another one follows ends here. None: the connection waits for a write or a read.
+        """
         stats = self.ctx.stats
-        record = stats.phases.record
-        scope = self.scope
-        timeout = self.ctx.config.timeout
-        slack = self.ctx.deadline_slack
-        current_time = trio.current_time
-        # One clock reading per write and per read: the write's stamps the commands it
-        # carries, the read's stamps the replies, and either serves for the next deadline.
-        now = self.now
         while True:
             event = conn.next_event()
             if event is None:
-                if conn.wants_to_send:
-                    if self.tickets is not None and conn.can_start_next:
-                        self._start_next(conn, self.tickets)
-                    now = current_time()
-                    if now + timeout - scope.deadline > slack:
-                        scope.deadline = now + timeout
-                    await stream.send_all(conn.data_to_send(now))
-                else:
-                    if now + timeout - scope.deadline > slack:
-                        scope.deadline = now + timeout
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                    now = self.now = current_time()
-                    conn.receive_data(data, now)
-            elif type(event) is PhaseDone:
+                return None
+            if type(event) is PhaseDone:
                 if event.ok:
-                    record(event.phase, event.elapsed)
+                    stats.phases.record(event.phase, event.elapsed)
                 else:
                     reply = event.reply
                     stats.reply_error(event.phase, reply.code, reply.text)
+            elif type(event) is MessageDone and len(self.inflight) > 1:
+                self._end_message(event)
             else:
                 return event
+
+    def _outgoing(self, conn: ClientConnection, now: float) -> bytes:
+        """The next write, stamped ``now``: with the next message behind it, if one is due."""
+        if self.tickets is not None and conn.can_start_next:
+            self._start_next(conn, self.tickets)
+        self._refresh_deadline(now)
+        return conn.data_to_send(now)
+
+    def _refresh_deadline(self, now: float) -> None:
+        """Give the next reply the whole timeout from ``now`` (see ``deadline_slack``)."""
+        deadline = now + self.ctx.config.timeout
+        scope = self.scope
+        if deadline - scope.deadline > self.ctx.deadline_slack:
+            scope.deadline = deadline
 
     # -- failures --------------------------------------------------------------------------
 

@@ -139,3 +139,33 @@ async def test_own_sink_stores_every_message_exactly(
     )
     assert stats.delivered == 120 and stats.errors == 0
     assert sum(1 for p in (maildir / "new").iterdir() if p.is_file()) == 120
+
+
+class SessionSteps(trio.abc.Instrument):
+    """Counts the scheduler steps of the load generator's session tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_session_main"):
+            self.steps += 1
+
+
+async def test_a_chain_of_messages_is_served_without_waking_the_session_task(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    # With every message one write and one read, the readiness hub does the reads (and the
+    # writes they allow) in its own turn: the session's task wakes for the connection's set-up
+    # and the chain's end, not once per message.
+    server = await fake_smtp()
+    config = load_config(server.port, sessions=1, messages=300, pipeline_messages=True)
+    steps = SessionSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stats = await run(config)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert stats.delivered == server.delivered == 300 and stats.errors == 0
+    assert stats.phases.by_phase["message"].get_total_count() == 300
+    assert steps.steps < 60, steps.steps  # one wake-up per message would be 300 or more
