@@ -70,6 +70,24 @@ def test_unstuffing_removes_exactly_one_leading_dot() -> None:
     assert content == b".a\r\n..b\r\nc\r\nd.\r\n"
 
 
+def test_stuffed_lines_after_many_dots_in_lines_are_unstuffed() -> None:
+    # The scan steps from dot to dot, then hands a dotty read to the three-byte search: a
+    # stuffed line and the marker must be found the same way either side of that switch.
+    prose = b"One. Two. Three. Four. Five. Six. Seven. Eight. Nine. Ten.\r\n"
+    body = b"Subject: dots\r\n\r\n" + prose + b".stuffed\r\n" + prose * 3 + b"..two\r\n"
+    for cuts in ([], [len(body) // 2], list(range(0, len(body), 7))):
+        reader = DataReader(0, BareLinefeedPolicy.REJECT)
+        (content, failure), rest = feed_in_chunks(reader, dot_stuff(body) + b"NOOP\r\n", cuts)
+        assert (content, failure, rest) == (body, None, b"NOOP\r\n")
+
+
+def test_a_body_without_dots_ends_at_the_marker() -> None:
+    body = b"Subject: none\r\n\r\n" + b"QUJD" * 19 + b"\r\n"
+    reader = DataReader(0, BareLinefeedPolicy.REJECT)
+    (content, failure), rest = feed_in_chunks(reader, body * 500 + b".\r\nQUIT\r\n", [4000])
+    assert (content, failure, rest) == (body * 500, None, b"QUIT\r\n")
+
+
 def test_only_crlf_dot_crlf_ends_data() -> None:
     # Every bare-LF/CR variant of the marker is content, never an end (SMTP smuggling).
     wire = (b"a\n.\nMAIL FROM:<x@y>\r\nb\r\n.\nc\n.\r\nd\r.\r\n"
