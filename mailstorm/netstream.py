@@ -14,6 +14,10 @@ Readiness: given a ``ReadinessHub`` (``mailstorm.readiness``), the stream learns
 socket is readable or writable from the hub's edge-triggered epoll set, registered once,
 instead of re-arming trio's one-shot registration (an ``epoll_ctl`` system call) on every wait.
 
+Inline mode (with a hub): a reader that has found the socket empty may leave the next
+arrivals to a synchronous handler run on the hub's turn (``wait_inline``), which reads and
+writes with ``receive_nowait`` and ``send_nowait``; see ``mailstorm.readiness``.
+
 Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
 could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
 once. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
@@ -148,7 +152,7 @@ class SocketTransport(trio.abc.Stream):
         readiness = self._readiness
         assert readiness is not None and not readiness.readable, "wait_inline needs drained"
         self._eager_reads = 0
-        await readiness.wait_readable_inline(handler)
+        await readiness.wait_readable(handler)
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         """One receive that never waits: None when nothing is there yet."""

@@ -15,6 +15,14 @@ is no proof of "nothing there": ``Readiness.hangup`` keeps the socket readable f
 writer parks only after a send fell short, and the kernel reports space again after that.
 Spurious wake-ups are harmless: the transport retries the system call and parks again.
 
+Inline waits: a trio task switch costs more than answering one SMTP command, so a reader may
+wait with a handler instead (``Readiness.wait_readable(inline)``). On each readable edge the
+hub calls that handler in its own turn; it reads, feeds its sans-IO connection and writes
+without blocking, and says whether the waiting task should wake. The task keeps everything else: the
+handler's errors are raised in it, its cancel scope ends the wait (which disarms the handler),
+and whatever must wait (a store, a handshake, a full send buffer) is done by it once woken. A
+handler does at most one read per edge, so a turn of the hub stays short.
+
 Resource handling: the hub's task lives in a nursery that encloses the tasks using its
 sockets (in the sink, one around the sessions' nursery; in the load generator, the run's outer
 nursery), so it outlives every socket registered with it. ``forget`` is called before a
@@ -66,30 +74,26 @@ class Readiness:
         self.hangup = False
         self.read_task: trio.lowlevel.Task | None = None
         self.write_task: trio.lowlevel.Task | None = None
-        #: Set while ``read_task`` waits in ``wait_readable_inline``: run on the hub's turn.
+        #: The handler ``read_task`` waits with, run on the hub's turn (None: just wake it).
         self.inline: Callable[[], bool] | None = None
 
     # Not coroutines themselves: each returns trio's own wait to be awaited, one frame less on
     # every wake-up of every session.
 
-    def wait_readable(self) -> Coroutine[Any, Any, object]:
-        """Sleep (when awaited) until the hub sees this socket's next readable edge."""
-        if self.read_task is not None:
-            raise trio.BusyResourceError("another task is already reading this socket")
-        self.read_task = trio.lowlevel.current_task()
-        return trio.lowlevel.wait_task_rescheduled(self._abort_read)
+    def wait_readable(
+        self, inline: Callable[[], bool] | None = None
+    ) -> Coroutine[Any, Any, object]:
+        """Sleep (when awaited) until the hub sees this socket's next readable edge.
 
-    def wait_readable_inline(self, handler: Callable[[], bool]) -> Coroutine[Any, Any, object]:
-        """Sleep (when awaited) while ``handler`` can deal with each readable edge by itself.
-
-        On every readable edge the hub calls ``handler()`` in its own turn; the waiting task is
-        woken only when the handler returns False (or raises: the task then gets the error).
-        The handler must not block or wait: it is synchronous code run for the waiting task.
+        With ``inline``, sleep on while that handler deals with each readable edge by itself:
+        the hub calls it in its own turn and wakes the task only when it returns False (or
+        raises: the task then gets the error). It must not block: it is synchronous code run
+        for the waiting task.
         """
         if self.read_task is not None:
             raise trio.BusyResourceError("another task is already reading this socket")
         self.read_task = trio.lowlevel.current_task()
-        self.inline = handler
+        self.inline = inline
         return trio.lowlevel.wait_task_rescheduled(self._abort_read)
 
     def wait_writable(self) -> Coroutine[Any, Any, object]:
