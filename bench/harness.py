@@ -324,7 +324,8 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     measure.raise_nofile(max(settings.storm_clients, settings.idle_sessions) + 4096)
     workdir = settings.out / "tmp" / started.strftime("%Y-%m-%dT%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
-    specs = servers.discover_servers(settings.servers)
+    # A full run installs node's smtp-server where node is; the smoke run never installs.
+    specs = servers.discover_servers(settings.servers, install=not settings.smoke)
     driver_status = _drivers_status(settings.drivers)
     for spec in specs.values():
         state = (spec.version or "available") if spec.available else f"SKIPPED, {spec.reason}"
