@@ -226,18 +226,20 @@ class Session:
         if self.stopping and not conn.in_transaction:
             conn.close(R.shutting_down(ctx.policy.hostname))
             return conn.next_event()
-        timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
-        self.idle_deadline = trio.current_time() + timeout
+        self._arm_idle_deadline()
         plain = self._plain
         self._waiting_for_input = True
+        data: bytes | bytearray | None = None
         try:
             if self.stream is plain and plain.drained:
                 self._resume_event = NeedData
                 await plain.wait_inline(self._on_readable)
-                return await self._resume_inline()
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
         finally:
             self._waiting_for_input = False
+        if data is None:
+            return await self._resume_inline()
         conn.receive_data(data)
         return conn.next_event()
 
@@ -288,9 +290,14 @@ class Session:
                 return False
         if (self.stopping and not conn.in_transaction) or not plain.drained:
             return False
-        timeout = ctx.data_timeout if conn.receiving_content else ctx.command_timeout
-        self.idle_deadline = trio.current_time() + timeout
+        self._arm_idle_deadline()
         return True
+
+    def _arm_idle_deadline(self) -> None:
+        """The session waits for input from now: a command's timeout, or a data block's."""
+        ctx = self.ctx
+        timeout = ctx.data_timeout if self.conn.receiving_content else ctx.command_timeout
+        self.idle_deadline = trio.current_time() + timeout
 
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
