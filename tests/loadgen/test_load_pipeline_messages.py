@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from conftest import TaskSteps
 from load_fixtures import run_bounded as run
 
 from loadgen.config import LoadConfig
@@ -141,17 +142,6 @@ async def test_own_sink_stores_every_message_exactly(
     assert sum(1 for p in (maildir / "new").iterdir() if p.is_file()) == 120
 
 
-class SessionSteps(trio.abc.Instrument):
-    """Counts the scheduler steps of the load generator's session tasks."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("_session_main"):
-            self.steps += 1
-
-
 async def test_a_chain_of_messages_is_served_without_waking_the_session_task(
     fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
@@ -160,7 +150,7 @@ async def test_a_chain_of_messages_is_served_without_waking_the_session_task(
     # and the chain's end, not once per message.
     server = await fake_smtp()
     config = load_config(server.port, sessions=1, messages=300, pipeline_messages=True)
-    steps = SessionSteps()
+    steps = TaskSteps("_session_main")
     trio.lowlevel.add_instrument(steps)
     try:
         stats = await run(config)

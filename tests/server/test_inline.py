@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient
+from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TaskSteps
 from test_lifecycle import Running, assert_shutdown_reply
 
 from mailstorm.readiness import ReadinessHub
@@ -33,17 +33,6 @@ TRANSACTION = (
     b"DATA\r\n",
     b"Subject: inline\r\n\r\nbody\r\n.\r\n",
 )
-
-
-class SessionSteps(trio.abc.Instrument):
-    """Counts the scheduler steps of the sink's session tasks."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("SinkServer._run_session"):
-            self.steps += 1
 
 
 async def lock_step(client: SMTPClient, messages: int) -> None:
@@ -62,7 +51,7 @@ async def test_lock_step_commands_do_not_wake_the_session_task(
     client = await connect(server.addresses[0])
     assert (await client.cmd("EHLO c.test")).code == 250
     await lock_step(client, 3)  # the session is now in its steady state
-    steps = SessionSteps()
+    steps = TaskSteps("SinkServer._run_session")
     trio.lowlevel.add_instrument(steps)
     try:
         await lock_step(client, 50)
