@@ -370,7 +370,8 @@ class LoadSession:
                 return False
             if not conn.wants_to_send:
                 break
-            out = self._outgoing(conn, now)
+            # A clock reading of its own: the write stamps the commands it carries.
+            out = self._outgoing(conn, trio.current_time())
             sent = stream.send_nowait(out)
             if sent < len(out):
                 self.unsent = out[sent:]  # the task waits for buffer space
