@@ -28,8 +28,11 @@ It never parses SMTP and never times anything. Errors: a reset or vanished peer 
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -71,6 +74,23 @@ class SocketTransport(trio.abc.Stream):
         except OSError:
             return "unknown", 0
         return str(peer[0]), int(peer[1])
+
+    async def connect(self, address: Any) -> None:
+        """Connect the socket, made but not yet connected, to ``address`` (a resolved sockaddr).
+
+        Leaner than ``trio.socket``'s connect, which resolves the address again on every call:
+        a load generator opening thousands of connections a second pays that each time. The
+        socket joins the hub's set before connect(2), so the edge that reports the connection
+        made cannot be missed. Errors: ``OSError`` with connect(2)'s errno.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            await self._wait_writable()
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._sock

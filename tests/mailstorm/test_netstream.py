@@ -192,6 +192,29 @@ async def test_data_and_end_of_stream_in_one_edge_after_a_send(hub: ReadinessHub
     peer.close()
 
 
+async def test_connect_then_talk(hub: ReadinessHub | None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        transport = SocketTransport(socket.socket(), hub)
+        with trio.fail_after(10):
+            await transport.connect(listener.getsockname())
+            peer, _ = listener.accept()
+            peer.sendall(b"220 hello\r\n")
+            assert await transport.receive_some() == b"220 hello\r\n"
+            await transport.send_all(b"QUIT\r\n")
+            assert peer.recv(100) == b"QUIT\r\n"
+    transport.close()
+    peer.close()
+
+
+async def test_connect_refused_is_an_oserror(hub: ReadinessHub | None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = listener.getsockname()  # closed at once: nobody listens there any more
+    transport = SocketTransport(socket.socket(), hub)
+    with trio.fail_after(10), pytest.raises(ConnectionRefusedError):
+        await transport.connect(address)
+    transport.close()
+
+
 # ---- the inline mode: a handler run on the hub's turn ----------------------------------------
 
 
