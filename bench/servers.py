@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailstorm.ports import free_port
+
 __all__ = [
     "SERVER_NAMES",
     "RunningServer",
     "ServerSpec",
     "bounded",
     "discover_servers",
-    "free_port",
     "listen_backlog",
     "start_server",
 ]
@@ -107,13 +108,6 @@ class RunningServer:
         text = self.log_path.read_bytes().replace(b"\r", b"\n").decode("utf-8", "replace")
         kept = [line for line in text.splitlines() if line.strip()]
         return " | ".join(kept[-lines:])[-1000:]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def listen_backlog() -> int:
@@ -302,7 +296,7 @@ def start_server(
     sessions the run will hold at once; the server's limit is set above it. Whatever happens
     to the harness, the server is ended after ``lifetime`` seconds.
     """
-    port = free_port()
+    port = free_port(HOST)
     command = _command(name, port, max_sessions + 1000)
     log_path = workdir / f"{label}.log"
     with log_path.open("wb") as log:

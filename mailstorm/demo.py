@@ -19,16 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailstorm.ports import free_port
+
 __all__ = ["main"]
 
 #: How long the sink may take to start listening.
 STARTUP_TIMEOUT = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_listening(port: int, sink: subprocess.Popen[bytes]) -> None:
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", metavar="DIR", help="store into DIR (kept) instead of a temp dir")
     args = p.parse_args(argv)
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="mailstorm-demo-") as tmp:
         maildir = Path(args.keep) if args.keep else Path(tmp) / "Maildir"
         report = Path(tmp) / "report.json"

@@ -29,15 +29,10 @@ from aiosmtpd.smtp import AuthResult
 from loadgen.config import LoadConfig, Target
 from loadgen.runner import run_load
 from loadgen.stats import RunStats
+from mailstorm.ports import free_port
 from smtpwire.data import BareLinefeedPolicy, DataReader
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 #: Every bounded run of the load generator in these tests ends within this many seconds.

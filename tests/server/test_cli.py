@@ -22,6 +22,7 @@ import trio
 import trustme
 from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles, b64
 
+from mailstorm import ports
 from server import SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
@@ -69,11 +70,9 @@ def assert_one_line_error(
     return line
 
 
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    return ports.free_port()
 
 
 # ---- bad input: one line, status 2 ---------------------------------------------------------

@@ -10,18 +10,14 @@ import time
 
 import pytest
 
+from mailstorm.ports import free_port
+
 #: Small enough that a few dozen clients exhaust it, big enough for Python and trio to start.
 FD_LIMIT = 48
 
 
 def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _banner(port: int) -> bytes:
@@ -33,7 +29,7 @@ def _banner(port: int) -> bytes:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux RLIMIT_NOFILE behaviour")
 def test_accept_loop_survives_emfile() -> None:
-    port = _free_port()
+    port = free_port()
     sink = subprocess.Popen(
         [sys.executable, "-m", "server", "--listen", f"127.0.0.1:{port}"],
         preexec_fn=_limit_fds, stderr=subprocess.PIPE, text=True,

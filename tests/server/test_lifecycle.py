@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,7 @@ import trio
 import trio.testing
 from conftest import TEST_TIMEOUT, SMTPClient
 
+from mailstorm.ports import free_port
 from server import Address, SinkConfig, SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
@@ -283,12 +283,6 @@ async def test_shutdown_with_no_sessions(nursery: trio.Nursery, tmp_path: Path) 
 
 
 # ---- graceful shutdown through the real CLI --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_until_accepting(port: int, process: trio.Process) -> SMTPClient:
