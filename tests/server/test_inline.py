@@ -178,3 +178,40 @@ async def test_a_reset_while_served_inline_ends_the_session_quietly(
     assert (await other.cmd("EHLO c.test")).code == 250
     await lock_step(other, 1)
     assert server.stats.messages == 3
+
+
+@pytest.mark.parametrize("store", ["discard", "maildir"])
+async def test_last_command_and_close_in_one_go_end_the_session_at_once(
+    start_sink: SinkFactory, tmp_path: Path, store: str
+) -> None:
+    # The command and the FIN leave in one scheduler turn, so the sink's hub sees them as one
+    # edge: the session must answer, see the end of the stream and close now, not after its
+    # command timeout (an hour here).
+    spec = "discard" if store == "discard" else f"maildir:{tmp_path / 'md'}"
+    server = await start_sink(store=spec, command_timeout=3600.0)
+    sock = socket.create_connection(server.addresses[0])
+    sock.setblocking(False)
+    received = b""
+
+    async def read_until(marker: bytes) -> None:
+        nonlocal received
+        while marker not in received:
+            await trio.lowlevel.wait_readable(sock)
+            data = sock.recv(4096)
+            if not data:
+                raise EOFError(received)
+            received += data
+
+    with trio.fail_after(TEST_TIMEOUT):
+        await read_until(b"220 ")
+        sock.send(b"EHLO c.test\r\n")
+        await read_until(b"\r\n250 ")
+        received = b""
+        sock.send(b"NOOP\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(EOFError) as closed:
+            await read_until(b"never sent")
+        while server.stats.sessions_active:
+            await trio.sleep(0.01)
+    assert closed.value.args[0].startswith(b"250 ")
+    sock.close()
