@@ -135,24 +135,14 @@ class SocketTransport(trio.abc.Stream):
         elif self._eager_reads >= FAIRNESS_READS:
             self._eager_reads = 0
             await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                self._eager_reads = 0
-                if readiness is None:
-                    await trio.lowlevel.wait_readable(sock)
-                else:
-                    readiness.readable = readiness.hangup
-                    await readiness.wait_readable()
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if readiness is not None and len(data) < size:
-                # Drained: the next arrival is a new edge, seen by the hub.
-                readiness.readable = readiness.hangup
-            self._eager_reads += 1
-            return data
+        while (data := self.receive_nowait(size)) is None:
+            self._eager_reads = 0
+            if readiness is None:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                await readiness.wait_readable()
+        self._eager_reads += 1
+        return data
 
     # ---- the inline mode: a reader that runs on the readiness hub's turn ---------------------
 
@@ -175,17 +165,21 @@ class SocketTransport(trio.abc.Stream):
         await readiness.wait_readable(handler)
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
-        """One receive that never waits: None when nothing is there yet."""
+        """One receive that never waits: None when nothing is there yet.
+
+        With a hub, a receive that finds the socket drained (nothing, or less than asked for)
+        says so in ``Readiness.readable``: the next arrival is a new edge, seen by the hub.
+        """
         readiness = self._readiness
-        assert readiness is not None, "receive_nowait needs a readiness hub"
         try:
             data = self._sock.recv(max_bytes)
         except BlockingIOError:
-            readiness.readable = readiness.hangup
+            if readiness is not None:
+                readiness.readable = readiness.hangup
             return None
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if len(data) < max_bytes:
+        if readiness is not None and len(data) < max_bytes:
             readiness.readable = readiness.hangup
         return data
 

@@ -124,7 +124,7 @@ def _run_inline(entry: Readiness, task: trio.lowlevel.Task) -> None:
         result: outcome.Outcome[object] = outcome.Value(None)
     except Exception as exc:  # the task's own code failed: the task gets the error
         result = outcome.Error(exc)
-    if entry.read_task is task:  # the handler may have woken the task itself (forget)
+    if entry.read_task is task:  # a handler that closed its socket woke the task (forget)
         entry.read_task = None
         entry.inline = None
         trio.lowlevel.reschedule(task, result)

@@ -113,7 +113,8 @@ class ReplyParser:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._code: int | None = None
+        #: The code of the reply whose lines are in ``_lines`` (meaningful while there are any).
+        self._code = 0
         self._lines: list[str] = []
 
     def feed(self, data: bytes | bytearray) -> None:

@@ -305,7 +305,7 @@ async def test_cancelled_inline_wait_disarms_the_handler(running_hub: ReadinessH
     with trio.move_on_after(0.05):
         await transport.wait_inline(handler)
     peer.sendall(b"after")
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the hub has seen the arrival by now
     assert handler.calls == 0  # nobody waits any more: the arrival is only remembered
     assert not transport.drained
     with trio.fail_after(10):
