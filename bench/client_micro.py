@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from loadgen.stats import RunStats
-from loadgen.workload import MessageFactory
-from smtpwire.client import ClientConfig, ClientConnection, MessageDone, PhaseDone, Ready
+from mailstorm.load.stats import RunStats
+from mailstorm.load.workload import MessageFactory
+from mailstorm.wire.client import ClientConfig, ClientConnection, MessageDone, PhaseDone, Ready
 
 EHLO = b"250-bench.sink\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n"
 #: The end of one message and the group of the next, as one read.

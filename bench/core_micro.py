@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from smtpwire.events import NeedData
-from smtpwire.server import ServerConnection, SessionPolicy
+from mailstorm.wire.events import NeedData
+from mailstorm.wire.server import ServerConnection, SessionPolicy
 
 BODY = b"Subject: bench\r\n\r\n" + b"y" * 1000 + b"\r\n.\r\n"
 EXCHANGES = [b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<b@example.com>\r\n", b"DATA\r\n", BODY]

@@ -178,10 +178,10 @@ def _loadgen_report(json_path: Path) -> tuple[dict[str, object] | None, float | 
 def run_mailstorm_load(
     scenario: Scenario, port: int, json_path: Path, timeout: float, name: str = "mailstorm load"
 ) -> DriverResult:
-    """Drive 127.0.0.1:``port`` with ``python -m loadgen`` as driver ``name`` (a key of
+    """Drive 127.0.0.1:``port`` with ``python -m mailstorm.load`` as driver ``name`` (a key of
     ``MAILSTORM_DRIVERS``); counts come from its JSON report."""
     command = [
-        sys.executable, "-m", "loadgen", f"{HOST}:{port}",
+        sys.executable, "-m", "mailstorm.load", f"{HOST}:{port}",
         "--sessions", str(scenario.sessions), "--messages", str(scenario.messages),
         "--per-connection", "0" if scenario.persistent else "1",
         "--size", str(scenario.size), "--json", str(json_path), "--quiet",

@@ -95,7 +95,7 @@ def _header(result: dict[str, Any]) -> list[str]:
     for name, status in result["drivers"].items():
         state = "available" if status["available"] else f"unavailable: {status['reason']}"
         if status.get("options"):
-            state += f" (`python -m loadgen` with {status['options']})"
+            state += f" (`python -m mailstorm.load` with {status['options']})"
         lines.append(f"- driver `{name}`: {state}")
     lines.append("")
     for name, scenario in settings["scenarios"].items():

@@ -1,8 +1,8 @@
-"""``python -m loadgen TARGET ...``: the same as ``mailstorm load TARGET ...``."""
+"""``python -m mailstorm.load TARGET ...``: the same as ``mailstorm load TARGET ...``."""
 
 import sys
 
-from loadgen.cli import main
+from mailstorm.load.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m loadgen"))
+    sys.exit(main(prog="python -m mailstorm.load"))

@@ -1,4 +1,4 @@
-"""A blocking-socket driver for ``smtpwire.client``: SMTP without trio.
+"""A blocking-socket driver for ``mailstorm.wire.client``: SMTP without trio.
 
 This module owns a minimal synchronous session (``BlockingSession``) and the one-call
 ``send_message``, for scripts and for load tools with their own concurrency (a Locust user calls
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NoReturn
 
-from loadgen.tls import client_ssl_context
-from mailstorm.netstream import RECEIVE_SIZE
-from smtpwire.client import (
+from mailstorm._net.netstream import RECEIVE_SIZE
+from mailstorm.load.tls import client_ssl_context
+from mailstorm.wire.client import (
     ClientConfig,
     ClientConnection,
     ClientEvent,
@@ -32,7 +32,7 @@ from smtpwire.client import (
     SessionFailed,
     StartTLS,
 )
-from smtpwire.replies import ParsedReply
+from mailstorm.wire.replies import ParsedReply
 
 __all__ = ["BlockingSession", "MessageResult", "SMTPSessionError", "send_message"]
 

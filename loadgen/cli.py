@@ -1,4 +1,4 @@
-"""``mailstorm load`` / ``python -m loadgen``: options, validation, the run, and its outputs.
+"""``mailstorm load`` / ``python -m mailstorm.load``: options, validation, the run, and its outputs.
 
 This module owns the command line: parsing and validating options into a ``LoadConfig`` (with
 one-line errors and exit status 2), raising the open-files limit, choosing the single-process
@@ -15,17 +15,6 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from loadgen.config import ConfigError, LoadConfig, parse_target
-from loadgen.failif import FailIfError, FailIfExpression
-from loadgen.limits import ephemeral_port_warning, raise_open_files_limit
-from loadgen.stats import RunStats
-from loadgen.workload import (
-    AddressTemplate,
-    MessageFactory,
-    WorkloadError,
-    parse_size,
-    parse_size_mix,
-)
 from mailstorm.cliutil import (
     OneLineErrorParser,
     non_negative_int,
@@ -34,9 +23,20 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
+from mailstorm.load.config import ConfigError, LoadConfig, parse_target
+from mailstorm.load.failif import FailIfError, FailIfExpression
+from mailstorm.load.limits import ephemeral_port_warning, raise_open_files_limit
+from mailstorm.load.stats import RunStats
+from mailstorm.load.workload import (
+    AddressTemplate,
+    MessageFactory,
+    WorkloadError,
+    parse_size,
+    parse_size_mix,
+)
 
 if TYPE_CHECKING:
-    from loadgen.live import ProgressDisplay
+    from mailstorm.load.live import ProgressDisplay
 
 __all__ = ["main"]
 
@@ -371,8 +371,8 @@ def _run_single(
 ) -> None:
     import trio
 
-    from loadgen.live import ProgressSnapshot
-    from loadgen.runner import build_factory, run_load
+    from mailstorm.load.live import ProgressSnapshot
+    from mailstorm.load.runner import build_factory, run_load
 
     if factory is None:
         factory = build_factory(config)
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     try:
         config = config_from_args(args)
         if config.eml:
-            from loadgen.runner import build_factory
+            from mailstorm.load.runner import build_factory
 
             factory = build_factory(config)  # reads the files now: a bad --eml is a usage error
     except (ConfigError, WorkloadError, FailIfError) as exc:
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
     display = None
     if not config.quiet:
-        from loadgen.live import PLAIN_EVERY, ProgressDisplay
+        from mailstorm.load.live import PLAIN_EVERY, ProgressDisplay
 
         display = ProgressDisplay(
             err,
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         display.start()
     try:
         if config.procs > 1:
-            from loadgen.procs import run_procs
+            from mailstorm.load.procs import run_procs
 
             run_procs(config, stats, display=display)
         else:
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:
-    from loadgen.report import build_report, render_table, write_json
+    from mailstorm.load.report import build_report, render_table, write_json
 
     fail_if_result = None
     failed_gate = False
@@ -468,7 +468,7 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
     if config.json_path:
         write_json(report, config.json_path)
     if config.html_path:
-        from loadgen.htmlreport import write_html
+        from mailstorm.load.htmlreport import write_html
 
         write_html(report, config.html_path)
     if status:

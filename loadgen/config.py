@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smtpwire.client import ClientConfig
+from mailstorm.wire.client import ClientConfig
 
 __all__ = ["ConfigError", "LoadConfig", "Target", "parse_target"]
 

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loadgen.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean
+from mailstorm.load.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean
 
 __all__ = ["FailIfError", "FailIfExpression"]
 

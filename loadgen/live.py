@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from loadgen.stats import RunStats, new_histogram
+from mailstorm.load.stats import RunStats, new_histogram
 
 __all__ = ["ProgressDisplay", "ProgressSnapshot"]
 

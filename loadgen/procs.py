@@ -19,9 +19,9 @@ import queue as queue_module
 import traceback
 from typing import Any
 
-from loadgen.config import ConfigError, LoadConfig
-from loadgen.live import ProgressDisplay, ProgressSnapshot
-from loadgen.stats import RunStats
+from mailstorm.load.config import ConfigError, LoadConfig
+from mailstorm.load.live import ProgressDisplay, ProgressSnapshot
+from mailstorm.load.stats import RunStats
 
 __all__ = ["WorkerFailed", "run_procs"]
 
@@ -45,7 +45,7 @@ def _worker_main(
     """Entry point of a worker process."""
     import trio
 
-    from loadgen.runner import build_factory, run_load
+    from mailstorm.load.runner import build_factory, run_load
 
     # The open-files limit needs no raising here: the parent raised it, and a spawned worker
     # inherits it.

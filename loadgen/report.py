@@ -18,8 +18,8 @@ from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.config import LoadConfig
-from loadgen.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean, value_at_percentiles
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean, value_at_percentiles
 
 __all__ = [
     "PERCENTILES",

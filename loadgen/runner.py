@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import trio
 
-from loadgen.config import ConfigError, LoadConfig
-from loadgen.schedule import MessageTickets, OpenLoopSchedule, session_start_offset
-from loadgen.session import LoadSession, SessionContext
-from loadgen.stats import RunStats
-from loadgen.tls import client_ssl_context
-from loadgen.workload import MessageFactory
-from mailstorm.readiness import ReadinessHub
+from mailstorm._net.readiness import ReadinessHub
+from mailstorm.load.config import ConfigError, LoadConfig
+from mailstorm.load.schedule import MessageTickets, OpenLoopSchedule, session_start_offset
+from mailstorm.load.session import LoadSession, SessionContext
+from mailstorm.load.stats import RunStats
+from mailstorm.load.tls import client_ssl_context
+from mailstorm.load.workload import MessageFactory
 
 __all__ = ["ProgressCallback", "build_factory", "resolve_target", "run_load"]
 

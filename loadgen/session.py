@@ -1,7 +1,7 @@
 """One load session: a trio task that drives SMTP connections for the messages it is handed.
 
-This module owns the trio shell around ``smtpwire.client.ClientConnection``: connecting (with a
-round-robin source address), implicit TLS and STARTTLS handshakes, the per-reply timeout,
+This module owns the trio shell around ``mailstorm.wire.client.ClientConnection``: connecting
+(with a round-robin source address), implicit TLS and STARTTLS handshakes, the per-reply timeout,
 reconnecting after ``--per-connection`` messages or a failure, and recording what happened into
 ``RunStats``. It never decides when a message starts (``schedule``) and never formats reports.
 
@@ -12,7 +12,7 @@ it fails, and the next message opens a new one. With ``--pipeline-messages`` a m
 already due starts behind the content of the one before it (``ClientConnection.can_start_next``);
 the session then has two in flight, which end in order.
 
-Waiting for replies on a plain connection is inline (``mailstorm.readiness``): the readiness
+Waiting for replies on a plain connection is inline (``mailstorm._net.readiness``): the readiness
 hub reads, records and writes for the session in its own turn, and wakes the task only for
 what needs it, so a steady chain of messages costs no task switch per message.
 
@@ -33,13 +33,13 @@ from itertools import count
 
 import trio
 
-from loadgen.config import LoadConfig
-from loadgen.schedule import MessageTickets
-from loadgen.stats import RunStats
-from loadgen.workload import MessageFactory
-from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
-from mailstorm.readiness import ReadinessHub
-from smtpwire.client import (
+from mailstorm._net.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm._net.readiness import ReadinessHub
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.schedule import MessageTickets
+from mailstorm.load.stats import RunStats
+from mailstorm.load.workload import MessageFactory
+from mailstorm.wire.client import (
     ClientConfig,
     ClientConnection,
     ClientEvent,

@@ -16,7 +16,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from smtpwire.client import PHASES as CLIENT_PHASES
+from mailstorm.wire.client import PHASES as CLIENT_PHASES
 
 __all__ = [
     "ERROR_KINDS",

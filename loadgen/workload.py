@@ -19,7 +19,7 @@ from math import gcd
 from pathlib import Path
 
 from mailstorm.cliutil import parse_size as parse_shared_size
-from smtpwire.client import Payload
+from mailstorm.wire.client import Payload
 
 __all__ = [
     "AddressTemplate",

@@ -27,15 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "sink":
-        from server.cli import main as sink_main
+        from mailstorm.sink.cli import main as sink_main
 
         return sink_main(rest, prog="mailstorm sink")
     if command == "load":
-        from loadgen.cli import main as load_main
+        from mailstorm.load.cli import main as load_main
 
         return load_main(rest)
     if command == "passwd":
-        from server.credentials import main as passwd_main
+        from mailstorm.sink.credentials import main as passwd_main
 
         return passwd_main(rest)
     if command == "demo":

@@ -1,4 +1,4 @@
-"""mailstorm's SMTP sink: the trio shell around the sans-IO core in ``smtpwire``.
+"""mailstorm's SMTP sink: the trio shell around the sans-IO core in ``mailstorm.wire``.
 
 Layout: ``config`` (settings), ``app`` (listeners, sessions' nursery, shutdown), ``session``
 (the per-connection driver), ``stores`` and ``trace`` (what a 250 promises), ``credentials``

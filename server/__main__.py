@@ -1,7 +1,7 @@
-"""``python -m server``: the same as ``mailstorm sink``."""
+"""``python -m mailstorm.sink``: the same as ``mailstorm sink``."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main(prog="python -m server"))
+sys.exit(main(prog="python -m mailstorm.sink"))

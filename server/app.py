@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import trio
 
-from mailstorm.netstream import SocketTransport
-from mailstorm.readiness import ReadinessHub
-from smtpwire import reply_table as R
-from smtpwire.server import SessionPolicy
+from mailstorm._net.netstream import SocketTransport
+from mailstorm._net.readiness import ReadinessHub
+from mailstorm.wire import reply_table as R
+from mailstorm.wire.server import SessionPolicy
 
 from .config import Address, SinkConfig
 from .credentials import CredentialStore

@@ -23,7 +23,7 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
-from smtpwire.data import BareLinefeedPolicy
+from mailstorm.wire.data import BareLinefeedPolicy
 
 from .app import ConfigError, SinkServer, listening_sockets
 from .config import (

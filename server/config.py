@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from smtpwire.data import BareLinefeedPolicy
+from mailstorm.wire.data import BareLinefeedPolicy
 
 __all__ = ["Address", "SinkConfig", "parse_address"]
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import trio
 
-from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
-from mailstorm.readiness import ReadinessHub
-from smtpwire import reply_table as R
-from smtpwire.events import (
+from mailstorm._net.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm._net.readiness import ReadinessHub
+from mailstorm.wire import reply_table as R
+from mailstorm.wire.events import (
     AuthAttempt,
     Closed,
     Event,
@@ -35,8 +35,8 @@ from smtpwire.events import (
     NeedData,
     StartTLS,
 )
-from smtpwire.replies import Reply
-from smtpwire.server import ServerConnection, SessionPolicy
+from mailstorm.wire.replies import Reply
+from mailstorm.wire.server import ServerConnection, SessionPolicy
 
 from .credentials import CredentialStore
 from .stats import SinkStats

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
-from smtpwire.events import Envelope
+from mailstorm.wire.events import Envelope
 
 __all__ = [
     "DiscardStore",

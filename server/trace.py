@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 
-from smtpwire.events import Envelope
+from mailstorm.wire.events import Envelope
 
 __all__ = ["trace_headers"]
 

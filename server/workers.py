@@ -86,7 +86,8 @@ def reserve_ports(addresses: Sequence[Address]) -> tuple[list[Address], list[soc
 
 
 class WorkerSupervisor:
-    """Runs ``count`` workers of ``worker_args`` (``python -m server`` arguments) until told."""
+    """Runs ``count`` workers of ``worker_args`` (``python -m mailstorm.sink`` arguments) until
+    told."""
 
     def __init__(self, worker_args: Sequence[str], count: int, *, stats_interval: float) -> None:
         self.worker_args = [*worker_args, "--reuse-port", "--worker-report", f"{REPORT_INTERVAL}"]
@@ -173,7 +174,7 @@ class WorkerSupervisor:
         crashes: deque[float] = deque()
         while not self.stopping:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "server", *self.worker_args],
+                [sys.executable, "-m", "mailstorm.sink", *self.worker_args],
                 stdout=subprocess.PIPE,
                 start_new_session=True,
             )

@@ -22,8 +22,8 @@ each. A MAIL or RCPT failure inside a group does not stop the group (the server 
 command); the replies that only follow from an earlier failure (503 to DATA after MAIL failed)
 are not reported as errors.
 
-Replies are parsed by ``smtpwire.replies.ReplyParser`` and content is dot-stuffed by
-``smtpwire.data.dot_stuff``: the codec is shared with the server.
+Replies are parsed by ``mailstorm.wire.replies.ReplyParser`` and content is dot-stuffed by
+``mailstorm.wire.data.dot_stuff``: the codec is shared with the server.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from smtpwire.data import dot_stuff, normalize_line_endings
-from smtpwire.replies import ParsedReply, ProtocolViolation, ReplyParser, ReplyTooLong
+from mailstorm.wire.data import dot_stuff, normalize_line_endings
+from mailstorm.wire.replies import ParsedReply, ProtocolViolation, ReplyParser, ReplyTooLong
 
 __all__ = [
     "PHASES",

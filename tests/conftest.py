@@ -17,8 +17,8 @@ import pytest
 import trio
 import trustme
 
-from server import Address, SinkConfig, SinkServer
-from smtpwire.replies import ParsedReply, ReplyParser
+from mailstorm.sink import Address, SinkConfig, SinkServer
+from mailstorm.wire.replies import ParsedReply, ReplyParser
 
 # The load generator's fixture plugin is also imported by name (for its helpers); register it
 # so that its asserts are rewritten whichever import comes first.

@@ -36,6 +36,6 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -m ruff check .
 # The sans-IO core is held to mypy --strict; the trio shells to mypy's defaults.
-python3 -m mypy --strict smtpwire
-python3 -m mypy server loadgen mailstorm bench
+python3 -m mypy --strict mailstorm/wire
+python3 -m mypy mailstorm bench
 exec python3 -m pytest -q "$@"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from server import credentials
-from server.credentials import CredentialFileError, CredentialStore, hash_password, main
+from mailstorm.sink import credentials
+from mailstorm.sink.credentials import CredentialFileError, CredentialStore, hash_password, main
 
 FAST = {"ln": 4, "r": 8, "p": 1}
 SECRET = "s3cr3t-Tr0mb0ne"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from server import stores
-from server.stores import (
+from mailstorm.sink import stores
+from mailstorm.sink.stores import (
     DiscardStore,
     MaildirStore,
     MboxStore,
@@ -22,7 +22,7 @@ from server.stores import (
     StoreError,
     open_store,
 )
-from smtpwire.events import Envelope
+from mailstorm.wire.events import Envelope
 
 TRACE = b"Return-Path: <alice@example.org>\r\nReceived: from x (y [192.0.2.1])\r\n\tby z; date\r\n"
 

@@ -1,4 +1,5 @@
-"""Tests for server.trace: the Return-Path and Received headers prepended to stored messages."""
+"""Tests for mailstorm.sink.trace: the Return-Path and Received headers prepended to stored
+messages."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import re
 
 import pytest
 
-from server.trace import trace_headers
-from smtpwire.events import Envelope
+from mailstorm.sink.trace import trace_headers
+from mailstorm.wire.events import Envelope
 
 WHEN = datetime.datetime(2025, 11, 29, 10, 0, 0, tzinfo=datetime.UTC)
 

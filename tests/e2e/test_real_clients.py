@@ -25,7 +25,7 @@ import pytest
 import trio
 from conftest import TEST_TIMEOUT, TLSFiles
 
-from server import Address, SinkServer
+from mailstorm.sink import Address, SinkServer
 
 pytestmark = pytest.mark.e2e
 

@@ -26,11 +26,11 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
-from loadgen.config import LoadConfig, Target
-from loadgen.runner import run_load
-from loadgen.stats import RunStats
+from mailstorm.load.config import LoadConfig, Target
+from mailstorm.load.runner import run_load
+from mailstorm.load.stats import RunStats
 from mailstorm.ports import free_port
-from smtpwire.data import BareLinefeedPolicy, DataReader
+from mailstorm.wire.data import BareLinefeedPolicy, DataReader
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from loadgen.blocking import BlockingSession, SMTPSessionError, send_message
-from smtpwire.client import ClientConfig, Payload
+from mailstorm.load.blocking import BlockingSession, SMTPSessionError, send_message
+from mailstorm.wire.client import ClientConfig, Payload
 
 pytest_plugins = ("load_fixtures",)
 

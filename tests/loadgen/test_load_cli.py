@@ -1,6 +1,6 @@
 """The command line: help, one-line usage errors (exit 2), reports, --fail-if, --procs.
 
-Full runs go against Postfix smtp-sink (a separate process), through ``loadgen.cli.main``.
+Full runs go against Postfix smtp-sink (a separate process), through ``mailstorm.load.cli.main``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from loadgen.cli import main
+from mailstorm.load.cli import main
 
 pytest_plugins = ("load_fixtures",)
 
@@ -26,11 +26,12 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 def test_module_help_explains_itself() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "loadgen", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "mailstorm.load", "--help"],
+        capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0
     out = result.stdout
-    assert out.startswith("usage: python -m loadgen")
+    assert out.startswith("usage: python -m mailstorm.load")
     for needle in (
         "examples:",
         "--rate",
@@ -277,7 +278,7 @@ def test_a_run_that_delivers_nothing_exits_3() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound but not listening: connections are refused
         result = subprocess.run(
-            [sys.executable, "-m", "loadgen", f"127.0.0.1:{port}", "--sessions", "2",
+            [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{port}", "--sessions", "2",
              "--messages", "4", "--quiet"],
             capture_output=True, text=True, timeout=60,
         )

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpwire.client import (
+from mailstorm.wire.client import (
     Capabilities,
     ClientConfig,
     ClientConnection,
@@ -22,7 +22,7 @@ from smtpwire.client import (
     SessionFailed,
     StartTLS,
 )
-from smtpwire.replies import ParsedReply
+from mailstorm.wire.replies import ParsedReply
 
 EHLO_PIPELINING = (
     b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n"

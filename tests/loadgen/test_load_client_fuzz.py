@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpwire.client import (
+from mailstorm.wire.client import (
     ClientConfig,
     ClientConnection,
     Closed,

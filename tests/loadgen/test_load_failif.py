@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadgen.failif import FailIfError, FailIfExpression
-from loadgen.stats import RunStats
+from mailstorm.load.failif import FailIfError, FailIfExpression
+from mailstorm.load.stats import RunStats
 
 
 @pytest.fixture

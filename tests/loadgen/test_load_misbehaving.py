@@ -11,8 +11,8 @@ from typing import Any
 
 from load_fixtures import run_bounded as run
 
-from loadgen.config import LoadConfig
-from loadgen.workload import MessageFactory
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.workload import MessageFactory
 
 pytest_plugins = ("load_fixtures",)
 

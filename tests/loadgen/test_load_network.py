@@ -13,10 +13,10 @@ import pytest
 import trio
 from rich.console import Console
 
-from loadgen.config import LoadConfig, Target
-from loadgen.live import ProgressDisplay, ProgressSnapshot
-from loadgen.runner import run_load
-from loadgen.stats import RunStats
+from mailstorm.load.config import LoadConfig, Target
+from mailstorm.load.live import ProgressDisplay, ProgressSnapshot
+from mailstorm.load.runner import run_load
+from mailstorm.load.stats import RunStats
 
 pytest_plugins = ("load_fixtures",)
 

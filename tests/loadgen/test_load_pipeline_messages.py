@@ -14,8 +14,8 @@ import trio
 from conftest import TaskSteps
 from load_fixtures import run_bounded as run
 
-from loadgen.config import LoadConfig
-from loadgen.schedule import MessageTickets, OpenLoopSchedule
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.schedule import MessageTickets, OpenLoopSchedule
 
 pytest_plugins = ("load_fixtures",)
 
@@ -45,7 +45,7 @@ async def test_without_pipelining_offered_the_report_says_it_did_nothing(
 
     from rich.console import Console
 
-    from loadgen.report import build_report, render_table
+    from mailstorm.load.report import build_report, render_table
 
     server = await fake_smtp(extensions=("8BITMIME",))
     config = load_config(server.port, sessions=2, messages=10, pipeline_messages=True)

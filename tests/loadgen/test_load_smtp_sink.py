@@ -8,9 +8,9 @@ from typing import Any
 
 import trio
 
-from loadgen.config import LoadConfig
-from loadgen.runner import run_load
-from loadgen.stats import RunStats
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.runner import run_load
+from mailstorm.load.stats import RunStats
 
 pytest_plugins = ("load_fixtures",)
 

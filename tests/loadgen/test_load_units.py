@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadgen.config import ConfigError, Target, parse_target
-from loadgen.schedule import OpenLoopSchedule, session_start_offset
-from loadgen.stats import (
+from mailstorm.load.config import ConfigError, Target, parse_target
+from mailstorm.load.schedule import OpenLoopSchedule, session_start_offset
+from mailstorm.load.stats import (
     PHASES,
     RunStats,
     histogram_mean,
     new_histogram,
     value_at_percentiles,
 )
-from loadgen.workload import (
+from mailstorm.load.workload import (
     AddressTemplate,
     MessageFactory,
     WorkloadError,
@@ -277,7 +277,7 @@ def test_recording_many_distinct_values_stays_exact() -> None:
 
 def test_loop_lag_quantiles_and_exact_merge() -> None:
     """Event-loop lag is kept per whole millisecond and merges exactly across processes."""
-    from loadgen.stats import RunStats
+    from mailstorm.load.stats import RunStats
 
     a, b = RunStats(), RunStats()
     for seconds in (0.0, 0.0004, 0.0011, 0.002):
@@ -300,9 +300,9 @@ def test_report_says_when_the_generator_was_saturated() -> None:
 
     from rich.console import Console
 
-    from loadgen.config import LoadConfig, parse_target
-    from loadgen.report import build_report, render_table
-    from loadgen.stats import RunStats
+    from mailstorm.load.config import LoadConfig, parse_target
+    from mailstorm.load.report import build_report, render_table
+    from mailstorm.load.stats import RunStats
 
     stats = RunStats()
     for _ in range(10):

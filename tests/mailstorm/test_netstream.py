@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from mailstorm.netstream import RECEIVE_SIZE, SocketTransport
-from mailstorm.readiness import ReadinessHub
+from mailstorm._net.netstream import RECEIVE_SIZE, SocketTransport
+from mailstorm._net.readiness import ReadinessHub
 
 pytestmark = pytest.mark.skipif(ReadinessHub.create() is None, reason="needs epoll")
 

@@ -1,5 +1,5 @@
-"""The command line as an operator meets it: ``mailstorm sink`` / ``python -m server`` run as
-real processes.
+"""The command line as an operator meets it: ``mailstorm sink`` / ``python -m mailstorm.sink``
+run as real processes.
 
 Bad input must give exit status 2 (1 when a listener cannot bind) and exactly one clear line
 on stderr, never a traceback or a usage dump, and never a secret from the auth file.
@@ -23,7 +23,7 @@ import trustme
 from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles, b64
 
 from mailstorm import ports
-from server import SinkServer
+from mailstorm.sink import SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
 StartSink = Callable[..., Awaitable[SinkServer]]
@@ -41,7 +41,7 @@ def sink_command(launcher: str) -> list[str]:
     if launcher == "mailstorm sink":
         assert MAILSTORM is not None
         return [MAILSTORM, "sink"]
-    return [sys.executable, "-m", "server"]
+    return [sys.executable, "-m", "mailstorm.sink"]
 
 
 def run_sink(*args: str, launcher: str = "mailstorm sink") -> subprocess.CompletedProcess[str]:
@@ -200,10 +200,10 @@ def test_bad_auth_file_line(tmp_path: Path, lines: list[str], number: int, secre
     path = tmp_path / "users.txt"
     path.write_text("\n".join(lines) + "\n")
     result = run_sink(
-        "--listen", "127.0.0.1:0", "--auth-file", str(path), launcher="python -m server"
+        "--listen", "127.0.0.1:0", "--auth-file", str(path), launcher="python -m mailstorm.sink"
     )
     line = assert_one_line_error(
-        result, 2, f"line {number}", str(path), launcher="python -m server"
+        result, 2, f"line {number}", str(path), launcher="python -m mailstorm.sink"
     )
     assert secret not in line
     assert "wonderland" not in line
@@ -227,9 +227,10 @@ def test_port_in_use(free_port: int) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", free_port))
         holder.listen()
-        result = run_sink("--listen", f"127.0.0.1:{free_port}", launcher="python -m server")
+        result = run_sink("--listen", f"127.0.0.1:{free_port}", launcher="python -m mailstorm.sink")
     line = assert_one_line_error(
-        result, 1, "address already in use", f"127.0.0.1:{free_port}", launcher="python -m server"
+        result, 1, "address already in use", f"127.0.0.1:{free_port}",
+        launcher="python -m mailstorm.sink",
     )
     assert "Traceback" not in line
 
@@ -248,9 +249,9 @@ def test_tls_port_in_use(free_port: int, tls_files: TLSFiles) -> None:
             str(tls_files.key),
             "--tls-listen",
             f"127.0.0.1:{free_port}",
-            launcher="python -m server",
+            launcher="python -m mailstorm.sink",
         )
-    assert_one_line_error(result, 1, "address already in use", launcher="python -m server")
+    assert_one_line_error(result, 1, "address already in use", launcher="python -m mailstorm.sink")
 
 
 # ---- help ------------------------------------------------------------------------------------
@@ -278,10 +279,10 @@ OPTIONS = [
 
 
 @needs_console_script
-@pytest.mark.parametrize("launcher", ["mailstorm sink", "python -m server"])
+@pytest.mark.parametrize("launcher", ["mailstorm sink", "python -m mailstorm.sink"])
 def test_sink_help(launcher: str) -> None:
     """``--help`` exits 0 and documents every option (the spec's list and the parser's own)."""
-    from server.cli import build_parser
+    from mailstorm.sink.cli import build_parser
 
     result = subprocess.run(
         [*sink_command(launcher), "--help"],
@@ -366,10 +367,10 @@ async def test_passwd_line_is_accepted_by_sink(
 
 
 async def start_and_read_banner(args: list[str]) -> tuple[int, str]:
-    """Start ``python -m server args`` on a free port, read stderr up to the 'listening' line,
-    then SIGTERM it. Returns the exit status and the stderr text."""
+    """Start ``python -m mailstorm.sink args`` on a free port, read stderr up to the
+    'listening' line, then SIGTERM it. Returns the exit status and the stderr text."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "server", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "mailstorm.sink", "--listen", "127.0.0.1:0", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -31,7 +31,7 @@ def _banner(port: int) -> bytes:
 def test_accept_loop_survives_emfile() -> None:
     port = free_port()
     sink = subprocess.Popen(
-        [sys.executable, "-m", "server", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "mailstorm.sink", "--listen", f"127.0.0.1:{port}"],
         preexec_fn=_limit_fds, stderr=subprocess.PIPE, text=True,
     )
     clients: list[socket.socket] = []

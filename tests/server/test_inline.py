@@ -20,8 +20,8 @@ import trio.testing
 from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TaskSteps
 from test_lifecycle import Running, assert_shutdown_reply
 
-from mailstorm.readiness import ReadinessHub
-from server import SinkServer
+from mailstorm._net.readiness import ReadinessHub
+from mailstorm.sink import SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
 

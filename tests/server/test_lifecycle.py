@@ -22,7 +22,7 @@ import trio.testing
 from conftest import TEST_TIMEOUT, SMTPClient
 
 from mailstorm.ports import free_port
-from server import Address, SinkConfig, SinkServer
+from mailstorm.sink import Address, SinkConfig, SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
 StartSink = Callable[..., Awaitable[SinkServer]]
@@ -303,7 +303,7 @@ async def wait_until_accepting(port: int, process: trio.Process) -> SMTPClient:
 
 @asynccontextmanager
 async def cli_sink(tmp_path: Path, *args: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    """``python -m server`` on a free port, storing to ``tmp_path/mail``, stderr to
+    """``python -m mailstorm.sink`` on a free port, storing to ``tmp_path/mail``, stderr to
     ``tmp_path/stderr.txt``; killed at the end if it is still running."""
     port = free_port()
     with (tmp_path / "stderr.txt").open("wb") as stderr:
@@ -344,7 +344,7 @@ async def exit_status(process: trio.Process, tmp_path: Path) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_cli_signal_shuts_down_gracefully(signum: int, tmp_path: Path) -> None:
-    """``python -m server`` on SIGTERM or SIGINT: an idle client gets 421 4.3.2, a client
+    """``python -m mailstorm.sink`` on SIGTERM or SIGINT: an idle client gets 421 4.3.2, a client
     mid-transaction finishes its message, and the process exits with status 0."""
     async with cli_sink(tmp_path) as (process, port):
         idle = await wait_until_accepting(port, process)

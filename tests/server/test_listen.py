@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from server import Address
+from mailstorm.sink import Address
 
 
 def _ipv6_loopback() -> bool:

@@ -14,8 +14,8 @@ from conftest import TEST_TIMEOUT, SMTPClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import Address, SinkConfig, SinkServer
-from smtpwire.data import dot_stuff, normalize_line_endings
+from mailstorm.sink import Address, SinkConfig, SinkServer
+from mailstorm.wire.data import dot_stuff, normalize_line_endings
 
 # The trace ends with the Received header's date (RFC 5322 form). Matching up to it, rather
 # than "header lines and their TAB continuations", keeps a body that starts with a TAB whole.
@@ -206,7 +206,7 @@ async def test_smuggling_over_the_wire_yields_one_message(
 
 
 async def test_bare_lf_reject_policy_over_the_wire(start_sink, connect) -> None:
-    from smtpwire.data import BareLinefeedPolicy
+    from mailstorm.wire.data import BareLinefeedPolicy
 
     server = await start_sink(bare_linefeed=BareLinefeedPolicy.REJECT)
     client = await connect(server.addresses[0])

@@ -16,7 +16,7 @@ import pytest
 import trio
 from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles, b64
 
-from server import Address, SinkServer
+from mailstorm.sink import Address, SinkServer
 
 Connect = Callable[..., Awaitable[SMTPClient]]
 StartSink = Callable[..., Awaitable[SinkServer]]

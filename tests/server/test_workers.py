@@ -39,7 +39,7 @@ def test_workers_share_the_port_survive_a_crash_and_stop_cleanly(tmp_path: Path)
     maildir = tmp_path / "mail"
     with log.open("w") as stderr:
         sink = subprocess.Popen(
-            [sys.executable, "-m", "server", "--workers", "2", "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "mailstorm.sink", "--workers", "2", "--listen", "127.0.0.1:0",
              "--store", f"maildir:{maildir}", "--stats-interval", "0.2"],
             stderr=stderr, start_new_session=True,
         )
@@ -83,12 +83,14 @@ def test_workers_report_a_port_in_use_as_one_line(tmp_path: Path) -> None:
         squatter.listen()
         port = squatter.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "server", "--workers", "2", "--listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "mailstorm.sink", "--workers", "2",
+             "--listen", f"127.0.0.1:{port}"],
             capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
         )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"python -m server: error: cannot listen on 127.0.0.1:{port}: address already in use"
+        "python -m mailstorm.sink: error: "
+        f"cannot listen on 127.0.0.1:{port}: address already in use"
     )
 
 
@@ -99,7 +101,7 @@ def test_stopping_while_a_worker_restarts_is_a_clean_stop(tmp_path: Path) -> Non
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         sink = subprocess.Popen(
-            [sys.executable, "-m", "server", "--workers", "2", "--listen", "127.0.0.1:0"],
+            [sys.executable, "-m", "mailstorm.sink", "--workers", "2", "--listen", "127.0.0.1:0"],
             stderr=stderr, start_new_session=True,
         )
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpwire.data import (
+from mailstorm.wire.data import (
     BareLinefeedPolicy,
     BdatReader,
     DataFailure,

@@ -12,7 +12,7 @@ import base64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpwire.events import (
+from mailstorm.wire.events import (
     AuthAttempt,
     Closed,
     MessageReceived,
@@ -20,8 +20,8 @@ from smtpwire.events import (
     NeedData,
     StartTLS,
 )
-from smtpwire.replies import ReplyParser
-from smtpwire.server import MAX_AUTH_LINE, ServerConnection, SessionPolicy
+from mailstorm.wire.replies import ReplyParser
+from mailstorm.wire.server import MAX_AUTH_LINE, ServerConnection, SessionPolicy
 
 MAX_SIZE = 2000
 POLICY = SessionPolicy(hostname="fuzz.test", max_size=MAX_SIZE, max_recipients=5,

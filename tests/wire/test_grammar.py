@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpwire.grammar import COMMAND, MAIL_ARGS, RCPT_ARGS, DuplicateParameter, parse_path
+from mailstorm.wire.grammar import COMMAND, MAIL_ARGS, RCPT_ARGS, DuplicateParameter, parse_path
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_character_classes_equal_the_rfc_sets() -> None:
     import re
     import string
 
-    from smtpwire import grammar
+    from mailstorm.wire import grammar
 
     alnum = set(string.ascii_letters + string.digits)
     expected_sets = {

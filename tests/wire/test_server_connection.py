@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import pytest
 
-from smtpwire.data import BareLinefeedPolicy
-from smtpwire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
-from smtpwire.replies import ReplyParser
-from smtpwire.server import ServerConnection, SessionPolicy
+from mailstorm.wire.data import BareLinefeedPolicy
+from mailstorm.wire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
+from mailstorm.wire.replies import ReplyParser
+from mailstorm.wire.server import ServerConnection, SessionPolicy
 
 POLICY = SessionPolicy(hostname="sink.test", max_size=1000, max_recipients=3, max_errors=10,
                        auth_enabled=True)

@@ -10,13 +10,13 @@ After a write, the peer is only now reading what was sent, so its answer cannot 
 yet: the next read waits for readability first instead of trying a recv() that would only
 fail with EAGAIN (a wasted system call and exception on every request/response turn).
 
-Readiness: given a ``ReadinessHub`` (``mailstorm.readiness``), the stream learns that its
+Readiness: given a ``ReadinessHub`` (``mailstorm._net.readiness``), the stream learns that its
 socket is readable or writable from the hub's edge-triggered epoll set, registered once,
 instead of re-arming trio's one-shot registration (an ``epoll_ctl`` system call) on every wait.
 
 Inline mode (with a hub): a reader that has found the socket empty may leave the next
 arrivals to a synchronous handler run on the hub's turn (``wait_inline``), which reads and
-writes with ``receive_nowait`` and ``send_nowait``; see ``mailstorm.readiness``.
+writes with ``receive_nowait`` and ``send_nowait``; see ``mailstorm._net.readiness``.
 
 Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
 could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
@@ -59,7 +59,7 @@ class SocketTransport(trio.abc.Stream):
         self._eager_reads = 0
         self._just_sent = False
         #: With a hub, readiness comes from its edge-triggered epoll set (see
-        #: ``mailstorm.readiness``); without one, from trio's own waits.
+        #: ``mailstorm._net.readiness``); without one, from trio's own waits.
         self._hub = hub
         self._readiness = hub.register(sock) if hub is not None else None
 
