@@ -252,6 +252,12 @@ class ServerConnection:
         """True while message octets are expected (the driver applies the data timeout)."""
         return self.mode is Mode.DATA or self.mode is Mode.BDAT
 
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet processed (a partial line, or input held back while
+        the output is full); 0 at a command boundary, where a new command's deadline starts."""
+        return len(self._buf)
+
     def message_stored(self, queue_id: str) -> None:
         """The driver stored the message of the last ``MessageReceived``."""
         self._resume(R.queued(queue_id))
