@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return load_main(rest)
     if command == "passwd":
-        from mailstorm.sink.credentials import main as passwd_main
+        from mailstorm.sink.passwd import main as passwd_main
 
         return passwd_main(rest)
     if command == "demo":

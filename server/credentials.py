@@ -1,10 +1,11 @@
 """The sink's AUTH credential store: parsing ``--auth-file``, checking passwords, making hashes.
 
-This module owns the auth file format, password verification and the ``mailstorm passwd``
-helper that produces hashed lines. It must never log, print or put into an exception message
-a password or a password hash (the only exception: ``main`` prints the hash line it was asked
-to make), must never raise from ``CredentialStore.verify`` whatever the input, and must never
-let verification time depend on the secret being checked.
+This module owns the auth file format, password verification, and the rules for what a
+password and scrypt parameters may be (``mailstorm passwd``, in ``passwd``, uses them). It must
+never log, print or put into an exception message a password or a password hash, must never
+raise from ``CredentialStore.verify`` whatever the input, and must never let the work of a
+verification depend on the secret being checked, on whether the user exists, or on whether
+the user's entry is plaintext or scrypt (see ``CredentialStore.verify``).
 
 Auth file format (UTF-8, one entry per line)::
 
@@ -36,7 +37,6 @@ message says what is wrong but never quotes the password or hash text.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import hashlib
@@ -44,17 +44,16 @@ import hmac
 import os
 import re
 import secrets
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from getpass import getpass
 from typing import Any, TypeAlias
 
 __all__ = [
     "CredentialFileError",
     "CredentialStore",
     "hash_password",
-    "main",
+    "password_problem",
+    "scrypt_params_problem",
 ]
 
 SCRYPT_PREFIX = "$scrypt$"
@@ -140,24 +139,21 @@ class _Scrypt:
 
 _Entry: TypeAlias = _Plain | _Scrypt
 
-_DEFAULT_PARAMS = _ScryptParams(DEFAULT_LN, DEFAULT_R, DEFAULT_P)
-# Stand-ins for unknown users: random per process so no input can ever match them.
+# Stand-in for unknown users in a plaintext-only store: random per process so no input can
+# ever match it.
 _DUMMY_PLAIN = secrets.token_bytes(HASH_BYTES)
-_DUMMY_SCRYPT = _Scrypt(
-    _DEFAULT_PARAMS, secrets.token_bytes(SALT_BYTES), secrets.token_bytes(HASH_BYTES)
-)
 
 
 class CredentialStore:
     """Usernames and their passwords (plaintext or scrypt), checked by ``verify``."""
 
-    __slots__ = ("_entries", "_has_scrypt")
+    __slots__ = ("_entries", "_reference")
 
     def __init__(self, entries: dict[str, _Entry]) -> None:
         """Wrap already validated entries; use ``load`` or ``from_pairs`` instead."""
         self._entries = dict(entries)
-        # Decides whether unknown users get a dummy scrypt run (see verify).
-        self._has_scrypt = any(isinstance(e, _Scrypt) for e in self._entries.values())
+        # The scrypt run every check pays when the store has any scrypt entry (see verify).
+        self._reference = _reference_entry(self._entries.values())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CredentialStore:
@@ -185,7 +181,7 @@ class CredentialStore:
             if problem is None and ":" in username:
                 problem = "username contains a colon"
             if problem is None:
-                problem = _password_problem(password)
+                problem = password_problem(password)
             if problem is not None:
                 raise ValueError(f"credential pair {index}: {problem}")
             try:
@@ -207,27 +203,31 @@ class CredentialStore:
     def needs_thread(self, username: str) -> bool:
         """Whether ``verify(username, ...)`` runs scrypt, so the caller should use a thread.
 
-        Unknown users get a dummy scrypt when the store has any scrypt entry, so for them the
-        answer is the same as for scrypt users and does not reveal whether they exist.
+        In a store with any scrypt entry every check runs scrypt (see ``verify``), so the
+        answer is the same for every user, known or not, plaintext or scrypt: it reveals
+        nothing about who exists.
         """
         if not isinstance(username, str):
             return False  # verify refuses it without doing any work
-        entry = self._entries.get(username)
-        if entry is None:
-            return self._has_scrypt
-        return isinstance(entry, _Scrypt)
+        return self._reference is not None
 
     def verify(self, username: str, password: str) -> bool:
         """Whether ``password`` is ``username``'s password. Never raises.
 
         Constant-time in the password: plaintext is compared with ``hmac.compare_digest``,
-        scrypt hashes are computed in full and then compared the same way. Unknown users get
-        the same work against dummy values, so timing does not simply reveal who exists.
+        scrypt hashes are computed in full and then compared the same way.
+
+        The same work whoever the user is, so that timing does not tell who exists: in a store
+        with any scrypt entry, every check runs scrypt once with the store's reference
+        parameters (the most expensive in the file). For a scrypt user with those parameters
+        that run is the real check; an unknown user, a plaintext user, and a scrypt user with
+        cheaper parameters get it as a dummy run next to their own (cheap) check. A store of
+        plaintext entries only does one ``compare_digest`` per check.
         """
         if not isinstance(username, str) or not isinstance(password, str):
             return False
         if "\x00" in password:
-            # No stored password contains NUL (see _password_problem). Refusing here matters
+            # No stored password contains NUL (see password_problem). Refusing here matters
             # for scrypt: PBKDF2's HMAC pads short keys with zero bytes, so "pw" and "pw\0"
             # would hash alike. Checked before the lookup, so it says nothing about the user.
             return False
@@ -238,18 +238,33 @@ class CredentialStore:
             # about the user because it happens before the lookup.
             return False
         entry = self._entries.get(username)
-        if entry is None:
-            # Same shape of work as a real user, and the result is always False.
-            hmac.compare_digest(_DUMMY_PLAIN, offered)
-            if self._has_scrypt:
-                _check_scrypt(_DUMMY_SCRYPT, offered)
-            return False
-        if isinstance(entry, _Plain):
-            # compare_digest's running time follows its SECOND argument's length, so the
-            # offered password goes second: time depends on what the client sent (which it
-            # knows) and not on the stored password's length.
-            return hmac.compare_digest(entry.secret, offered)
-        return _check_scrypt(entry, offered)
+        reference = self._reference
+        if isinstance(entry, _Scrypt) and reference is not None:
+            if entry.params != reference.params:
+                # Pad a cheaper entry up to the reference cost.
+                _check_scrypt(reference, offered)
+            return _check_scrypt(entry, offered)
+        # compare_digest's running time follows its SECOND argument's length, so the offered
+        # password goes second: time depends on what the client sent (which it knows) and
+        # not on the stored password's length.
+        secret = entry.secret if isinstance(entry, _Plain) else _DUMMY_PLAIN
+        matches = hmac.compare_digest(secret, offered)
+        if reference is not None:
+            _check_scrypt(reference, offered)  # the dummy run: always False
+        return matches and entry is not None
+
+
+def _reference_entry(entries: Iterable[_Entry]) -> _Scrypt | None:
+    """A dummy scrypt entry with the most expensive parameters among ``entries``, or None.
+
+    Its salt and digest are random, so no password ever matches it.
+    """
+    params = [entry.params for entry in entries if isinstance(entry, _Scrypt)]
+    if not params:
+        return None
+    # CPU cost first (r*p*N), then memory (r*N): what the check costs, not how it is spelled.
+    costliest = max(params, key=lambda p: (p.r * p.p * p.n, p.r * p.n, p.ln))
+    return _Scrypt(costliest, secrets.token_bytes(SALT_BYTES), secrets.token_bytes(HASH_BYTES))
 
 
 def hash_password(
@@ -260,7 +275,7 @@ def hash_password(
     Raises ``ValueError`` for parameters the loader would refuse and for a password it would
     refuse (empty, or containing NUL).
     """
-    problem = _password_problem(password)
+    problem = password_problem(password)
     if problem is not None:
         raise ValueError(problem)
     params = _ScryptParams(ln, r, p)
@@ -272,99 +287,7 @@ def hash_password(
     return f"{SCRYPT_PREFIX}ln={ln},r={r},p={p}${_b64(salt)}${_b64(digest)}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``mailstorm passwd [USER]``: print an auth file line with a scrypt hash."""
-    parser = argparse.ArgumentParser(
-        prog="mailstorm passwd",
-        # Raw: the examples below must keep their line breaks.
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Hash a password with scrypt for the sink's --auth-file.\n\n"
-            "When standard input is a terminal, prompts for the password twice without echo.\n"
-            "Otherwise reads one line from standard input; only its line ending is removed,\n"
-            "so spaces are part of the password. Prints USER:$scrypt$... ready to paste\n"
-            "into the auth file (only the $scrypt$... hash when USER is omitted)."
-        ),
-        epilog=(
-            "examples:\n"
-            "  mailstorm passwd alice >> users.auth\n"
-            "  printf '%s\\n' \"$PASSWORD\" | mailstorm passwd alice >> users.auth"
-        ),
-    )
-    parser.add_argument("user", nargs="?", metavar="USER", help="username to put in front")
-    parser.add_argument(
-        "--ln",
-        type=int,
-        default=DEFAULT_LN,
-        help=f"scrypt cost, log2 of N, {MIN_LN}..{MAX_LN} (default {DEFAULT_LN})",
-    )
-    parser.add_argument(
-        "-r", type=int, default=DEFAULT_R, help=f"scrypt block size (default {DEFAULT_R})"
-    )
-    parser.add_argument(
-        "-p", type=int, default=DEFAULT_P, help=f"scrypt parallelism (default {DEFAULT_P})"
-    )
-    args = parser.parse_args(argv)
-
-    user: str | None = args.user
-    if user is not None:
-        problem = _username_problem(user, {})
-        if problem is None and (":" in user or "\n" in user or "\r" in user):
-            problem = "username must not contain a colon or a line break"
-        if problem is not None:
-            parser.error(problem)
-    problem = _params_problem(_ScryptParams(args.ln, args.r, args.p))
-    if problem is not None:
-        parser.error(problem)
-
-    password = _read_password()
-    if password is None:
-        return 1
-    problem = _password_problem(password)
-    if problem is not None:
-        print(f"mailstorm passwd: {problem}", file=sys.stderr)
-        return 1
-    try:
-        hashed = hash_password(password, ln=args.ln, r=args.r, p=args.p)
-    except ValueError:
-        # Only reachable for passwords that are not valid text (lone surrogates); the
-        # exception text is not shown because it could quote the password.
-        print("mailstorm passwd: the password is not valid text", file=sys.stderr)
-        return 1
-    print(hashed if user is None else f"{user}:{hashed}")
-    return 0
-
-
 # --- internals -----------------------------------------------------------------------------
-
-
-def _read_password() -> str | None:
-    """The password from the terminal (twice, no echo) or one line of stdin; None on failure."""
-    stdin = sys.stdin
-    if stdin is None:
-        print("mailstorm passwd: no standard input to read the password from", file=sys.stderr)
-        return None
-    try:
-        if stdin.isatty():
-            first = getpass("Password: ")
-            if not first:
-                # No point asking twice.
-                return first
-            if getpass("Password (again): ") != first:
-                print("mailstorm passwd: passwords do not match", file=sys.stderr)
-                return None
-            return first
-        line = stdin.readline()
-    except (EOFError, KeyboardInterrupt):
-        print("\nmailstorm passwd: aborted", file=sys.stderr)
-        return None
-    # Only the line ending goes: leading and trailing spaces are part of the password, exactly
-    # as in the auth file.
-    password = line.removesuffix("\n").removesuffix("\r")
-    if not password:
-        print("mailstorm passwd: no password on standard input", file=sys.stderr)
-        return None
-    return password
 
 
 def _display(path: str) -> str:
@@ -410,6 +333,11 @@ def _check_scrypt(entry: _Scrypt, offered: bytes) -> bool:
     return hmac.compare_digest(entry.digest, computed)
 
 
+def scrypt_params_problem(ln: int, r: int, p: int) -> str | None:
+    """Why the scrypt parameters ``ln``, ``r``, ``p`` are refused, or None if they are fine."""
+    return _params_problem(_ScryptParams(ln, r, p))
+
+
 def _params_problem(params: _ScryptParams) -> str | None:
     """Why these scrypt parameters are refused, or None if they are fine."""
     ln, r, p = params.ln, params.r, params.p
@@ -436,7 +364,7 @@ def _username_problem(username: str, seen: dict[str, _Entry]) -> str | None:
     return None
 
 
-def _password_problem(password: str) -> str | None:
+def password_problem(password: str) -> str | None:
     """Why a password cannot be stored, or None. Applies to plaintext and to-be-hashed alike."""
     if not password:
         # Almost certainly a truncated line, and an empty password is no protection.
@@ -496,7 +424,7 @@ def _parse(path: str, data: bytes) -> dict[str, _Entry]:
             raise CredentialFileError(path, number, "no colon (expected user:password)")
         problem = _username_problem(username, entries)
         if problem is None:
-            problem = _password_problem(password)
+            problem = password_problem(password)
         if problem is not None:
             raise CredentialFileError(path, number, problem)
         if password.startswith(SCRYPT_PREFIX):
@@ -508,6 +436,3 @@ def _parse(path: str, data: bytes) -> dict[str, _Entry]:
             entries[username] = _Plain(password.encode("utf-8"))
     return entries
 
-
-if __name__ == "__main__":
-    sys.exit(main())

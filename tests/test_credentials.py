@@ -1,4 +1,5 @@
-"""Tests for server.credentials: auth file parsing, verification, hashing and ``mailstorm passwd``.
+"""Tests for server.credentials and server.passwd: auth file parsing, verification, hashing and
+``mailstorm passwd``.
 
 This module owns the behavioural contract of the credential store. It must never touch the
 network or files outside pytest's tmp_path, and never leave a real terminal prompt waiting
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mailstorm.sink import credentials
-from mailstorm.sink.credentials import CredentialFileError, CredentialStore, hash_password, main
+from mailstorm.sink import credentials, passwd
+from mailstorm.sink.credentials import CredentialFileError, CredentialStore, hash_password
+from mailstorm.sink.passwd import main
 
 FAST = {"ln": 4, "r": 8, "p": 1}
 SECRET = "s3cr3t-Tr0mb0ne"
@@ -329,20 +331,49 @@ def _count_scrypt(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_unknown_user_gets_dummy_scrypt_when_store_has_scrypt(
+#: The scrypt cost of the hashed entries in the mixed-store tests: neither the fast cost of the
+#: other tests nor the default, so a dummy run with the default cost would show.
+FILE_LN = 5
+
+
+def test_every_check_costs_one_scrypt_with_the_files_parameters(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    store = load_text(tmp_path, f"alice:plain\nbob:{fast_hash(SECRET)}\n")
+    """In a store mixing plaintext and scrypt, a known plaintext user, a known scrypt user and
+    an unknown user each cost exactly one scrypt run with the file's parameters, right or wrong
+    password: the work does not tell who exists or how they are stored."""
+    hashed = hash_password(SECRET, ln=FILE_LN, r=8, p=1)
+    store = load_text(tmp_path, f"alice:plain\nbob:{hashed}\n")
     calls = _count_scrypt(monkeypatch)
-    assert not store.verify("mallory", SECRET)
-    # The dummy run uses the default cost, whatever the entries use.
-    assert calls == [14]
-    calls.clear()
+    checks = [
+        ("mallory", SECRET, False),
+        ("mallory", "plain", False),
+        ("alice", "plain", True),
+        ("alice", "wrong", False),
+        ("bob", SECRET, True),
+        ("bob", "wrong", False),
+    ]
+    for username, password, expected in checks:
+        calls.clear()
+        assert store.verify(username, password) is expected, (username, password)
+        assert calls == [FILE_LN], (username, password)
+
+
+def test_cheaper_scrypt_entry_is_padded_to_the_costliest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With entries of different costs, every check pays the costliest run once; a cheaper
+    entry's own run comes on top of it."""
+    cheap = hash_password(SECRET, ln=4, r=8, p=1)
+    costly = hash_password(SECRET, ln=FILE_LN, r=8, p=1)
+    store = load_text(tmp_path, f"alice:plain\nbob:{cheap}\ncarol:{costly}\n")
+    calls = _count_scrypt(monkeypatch)
     assert store.verify("bob", SECRET)
-    assert calls == [4]
-    calls.clear()
-    assert store.verify("alice", "plain")
-    assert calls == []
+    assert calls == [FILE_LN, 4]
+    for username in ("carol", "alice", "mallory"):
+        calls.clear()
+        store.verify(username, SECRET)
+        assert calls == [FILE_LN], username
 
 
 def test_unknown_user_gets_no_scrypt_in_plaintext_store(
@@ -351,19 +382,35 @@ def test_unknown_user_gets_no_scrypt_in_plaintext_store(
     store = load_text(tmp_path, "alice:plain\n")
     calls = _count_scrypt(monkeypatch)
     assert not store.verify("mallory", "plain")
+    assert store.verify("alice", "plain")
     assert calls == []
 
 
 def test_needs_thread(tmp_path: Path) -> None:
+    """``needs_thread`` is true exactly when ``verify`` runs scrypt: for every user of a store
+    with scrypt entries, known or not, plaintext or not; for nobody in a plaintext store."""
     mixed = load_text(tmp_path, f"alice:plain\nbob:{fast_hash(SECRET)}\n")
-    assert not mixed.needs_thread("alice")
+    assert mixed.needs_thread("alice")
     assert mixed.needs_thread("bob")
-    # Unknown users cost a dummy scrypt in a store that has scrypt entries.
     assert mixed.needs_thread("mallory")
 
     plain = CredentialStore.from_pairs([("alice", "plain")])
     assert not plain.needs_thread("alice")
     assert not plain.needs_thread("mallory")
+
+
+def test_needs_thread_agrees_with_the_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every check that runs scrypt is one ``needs_thread`` sends to a thread."""
+    mixed = load_text(tmp_path, f"alice:plain\nbob:{fast_hash(SECRET)}\n")
+    plain = load_text(tmp_path, "alice:plain\n")
+    calls = _count_scrypt(monkeypatch)
+    for store in (mixed, plain):
+        for username in ("alice", "bob", "mallory"):
+            calls.clear()
+            store.verify(username, "guess")
+            assert bool(calls) == store.needs_thread(username), username
 
 
 # --- from_pairs ----------------------------------------------------------------------------
@@ -570,7 +617,7 @@ def _fake_getpass(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[s
         return answers.pop(0)
 
     monkeypatch.setattr("sys.stdin", _Tty())
-    monkeypatch.setattr(credentials, "getpass", fake)
+    monkeypatch.setattr(passwd, "getpass", fake)
     return prompts
 
 
@@ -613,7 +660,7 @@ def test_main_tty_interrupted(
         raise KeyboardInterrupt
 
     monkeypatch.setattr("sys.stdin", _Tty())
-    monkeypatch.setattr(credentials, "getpass", interrupted)
+    monkeypatch.setattr(passwd, "getpass", interrupted)
     assert main(["alice"]) == 1
     assert "aborted" in capsys.readouterr().err
 
