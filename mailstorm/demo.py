@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         sink_cmd = [
             sys.executable,
             "-m",
-            "server",
+            "mailstorm.sink",
             "--listen",
             f"127.0.0.1:{port}",
             "--store",
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             load_cmd = [
                 sys.executable,
                 "-m",
-                "loadgen",
+                "mailstorm.load",
                 f"127.0.0.1:{port}",
                 "--sessions",
                 str(args.sessions),

@@ -311,7 +311,7 @@ async def cli_sink(tmp_path: Path, *args: str) -> AsyncIterator[tuple[trio.Proce
             [
                 sys.executable,
                 "-m",
-                "server",
+                "mailstorm.sink",
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--hostname",
