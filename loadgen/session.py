@@ -53,9 +53,10 @@ from mailstorm.wire.client import (
 
 __all__ = ["LoadSession", "SessionContext"]
 
-#: Linux: bind a source address without picking a port until connect(), so the port can be
-#: shared across destinations (the 4-tuple must be unique, not the port).
-_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+#: Bind a source address without picking a port until connect(), so the port can be shared
+#: across destinations (the 4-tuple must be unique, not the port). Used only where the
+#: platform's socket module defines it (Linux); elsewhere bind() picks the port, as usual.
+_IP_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 #: How long to wait, after the 221 to QUIT, for the server to close first: the side that closes
 #: first keeps the TIME_WAIT state, and a load generator that opens thousands of connections
 #: should leave that to the server rather than run out of ephemeral ports.
@@ -263,7 +264,7 @@ class LoadSession:
         try:
             source = ctx.next_source_address()
             if source is not None:
-                if ctx.family == socket.AF_INET:
+                if ctx.family == socket.AF_INET and _IP_BIND_ADDRESS_NO_PORT is not None:
                     raw.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
                 raw.bind((source, 0))  # an IP address (checked): binding never waits
             await transport.connect(ctx.sockaddr)
