@@ -24,13 +24,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = [
-    "DEFAULT_MAX_AUTH_FAILURES",
-    "AuthFailureLimiter",
-]
+from .config import DEFAULT_MAX_AUTH_FAILURES
 
-#: Failures an address may have within the window before its sessions are ended.
-DEFAULT_MAX_AUTH_FAILURES = 10
+__all__ = ["AuthFailureLimiter"]
+
 #: How far back failures count (as fail2ban's default findtime of 10 minutes, a bit longer).
 DEFAULT_WINDOW = 15 * 60.0
 #: The delay before answering an address's first failure; it doubles with each further one.

@@ -30,8 +30,14 @@ from .config import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_DATA_TIMEOUT,
     DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_AUTH_FAILURES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_ERRORS,
+    DEFAULT_MAX_JUNK_COMMANDS,
+    DEFAULT_MAX_RECIPIENTS,
+    DEFAULT_MAX_SESSION_TIME,
     DEFAULT_MAX_SIZE,
+    DEFAULT_MIN_DATA_RATE,
     Address,
     SinkConfig,
     parse_address,
@@ -49,6 +55,8 @@ examples:
   mailstorm sink --listen 127.0.0.1:2525 --listen [::1]:2525 --store mbox:./sink.mbox
   mailstorm sink --tls-cert cert.pem --tls-key key.pem --tls-listen 127.0.0.1:4650 \\
                  --auth-file users.txt --auth-required
+
+limits: 0 means "no limit" for every --max-* option and for --min-data-rate.
 
 auth file: one user per line, "user:password" in plaintext, or "user:$scrypt$..." as printed
 by "mailstorm passwd USER". Lines starting with # are comments.
@@ -97,6 +105,14 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         help="concurrent sessions before new clients get 421 "
         f"(default {DEFAULT_MAX_CONNECTIONS}; 0 = no limit)",
     )
+    net.add_argument(
+        "--max-connections-per-ip",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="concurrent sessions from one client address before its new connections get "
+        "421 (default 0 = no limit, as a load generator connects from one address)",
+    )
 
     store = p.add_argument_group("storage")
     store.add_argument(
@@ -121,14 +137,41 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         type=non_negative_int,
         default=1000,
         metavar="N",
-        help="recipients per message before 452 (default 1000)",
+        help=f"recipients per message before 452 (default {DEFAULT_MAX_RECIPIENTS}; "
+        "0 = no limit)",
     )
     limits.add_argument(
         "--max-errors",
         type=non_negative_int,
-        default=20,
+        default=DEFAULT_MAX_ERRORS,
         metavar="N",
-        help="protocol errors before the session is ended with 421 (default 20)",
+        help="protocol errors before the session is ended with 421 "
+        f"(default {DEFAULT_MAX_ERRORS}; 0 = no limit)",
+    )
+    limits.add_argument(
+        "--max-junk-commands",
+        type=non_negative_int,
+        default=DEFAULT_MAX_JUNK_COMMANDS,
+        metavar="N",
+        help="unknown or malformed commands before the session is ended with 421 "
+        f"(default {DEFAULT_MAX_JUNK_COMMANDS}; 0 = no limit)",
+    )
+    limits.add_argument(
+        "--max-session-time",
+        type=seconds,
+        default=DEFAULT_MAX_SESSION_TIME,
+        metavar="SECONDS",
+        help="how long a session may last; then it is ended with 421 once its transaction "
+        f"is over (default {DEFAULT_MAX_SESSION_TIME:g}; 0 = no limit)",
+    )
+    limits.add_argument(
+        "--min-data-rate",
+        type=value_type(parse_size),
+        default=DEFAULT_MIN_DATA_RATE,
+        metavar="BYTES_PER_S",
+        help="while a message arrives, every BYTES_PER_S bytes received extend its "
+        "--data-timeout by one second, so a slow but steady sender finishes and a trickle "
+        f"does not; k/m suffixes accepted (default {DEFAULT_MIN_DATA_RATE:g}; 0 = off)",
     )
     limits.add_argument(
         "--bare-lf",
@@ -162,6 +205,15 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "--auth-required",
         action="store_true",
         help="refuse MAIL with 530 until the client has authenticated",
+    )
+    sec.add_argument(
+        "--max-auth-failures",
+        type=non_negative_int,
+        default=DEFAULT_MAX_AUTH_FAILURES,
+        metavar="N",
+        help="failed AUTH attempts one client address may make within 15 minutes; past "
+        "that its sessions are ended with 421. Each failure is answered after a delay "
+        f"growing from 0.25 to 5 seconds (default {DEFAULT_MAX_AUTH_FAILURES}; 0 = no limit)",
     )
     sec.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): offer STARTTLS")
     sec.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
@@ -224,7 +276,12 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         max_size=args.max_size,
         max_recipients=args.max_recipients,
         max_connections=args.max_connections,
-        max_errors=max(1, args.max_errors),
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_errors=args.max_errors,
+        max_junk_commands=args.max_junk_commands,
+        max_auth_failures=args.max_auth_failures,
+        max_session_time=args.max_session_time,
+        min_data_rate=float(args.min_data_rate),
         auth_file=args.auth_file,
         auth_required=args.auth_required,
         tls_cert=args.tls_cert,

@@ -5,6 +5,7 @@ It owns parsing of listen addresses and sizes, and the defaults. It never opens 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -19,6 +20,18 @@ DEFAULT_DATA_TIMEOUT = 180.0
 DEFAULT_GRACE_PERIOD = 10.0
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_RECIPIENTS = 1000
+DEFAULT_MAX_ERRORS = 20
+#: An hour is far more than any real submission needs, and bounds a session that trickles
+#: commands just inside the command timeout forever.
+DEFAULT_MAX_SESSION_TIME = 3600.0
+#: While a message arrives, each this many bytes buy one more second of data deadline
+#: (as Apache's mod_reqtimeout MinRate): a modem-speed sender keeps going, a trickle does not.
+DEFAULT_MIN_DATA_RATE = 256.0
+#: Unknown or malformed commands a session may send; HTTP requests and other junk end sooner.
+DEFAULT_MAX_JUNK_COMMANDS = 100
+#: Failed AUTH attempts per client address within the window (see ``authlimit``).
+DEFAULT_MAX_AUTH_FAILURES = 10
 
 _ADDRESS = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
 
@@ -46,16 +59,47 @@ def parse_address(text: str) -> Address:
     return Address(host, port)
 
 
+#: The limits of ``SinkConfig``: each must be a non-negative number, and 0 means no limit.
+LIMIT_FIELDS = (
+    "max_size",
+    "max_recipients",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_errors",
+    "max_junk_commands",
+    "max_auth_failures",
+    "max_session_time",
+    "min_data_rate",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
+    """Everything a sink needs to know before it starts. In every limit (``LIMIT_FIELDS``),
+    0 means no limit."""
+
     listen: tuple[Address, ...] = (Address("127.0.0.1", 2525),)
     tls_listen: tuple[Address, ...] = ()
     hostname: str = "localhost"
     store: str = "discard"
     max_size: int = DEFAULT_MAX_SIZE
-    max_recipients: int = 1000
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    #: Concurrent sessions; a client over it gets 421 4.7.0.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_errors: int = 20
+    #: Concurrent sessions from one client address; a client over it gets 421 4.7.0. Off by
+    #: default because the load generator drives a sink from 127.0.0.1.
+    max_connections_per_ip: int = 0
+    max_errors: int = DEFAULT_MAX_ERRORS
+    #: Unknown or malformed commands per session before it is ended with 421.
+    max_junk_commands: int = DEFAULT_MAX_JUNK_COMMANDS
+    #: Failed AUTH attempts per client address within 15 minutes before its sessions are
+    #: ended with 421 4.7.0.
+    max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES
+    #: Seconds a session may last; when over, it ends with 421 after its transaction.
+    max_session_time: float = DEFAULT_MAX_SESSION_TIME
+    #: Bytes per second a message must arrive at: each this many bytes received extend the
+    #: data deadline by a second.
+    min_data_rate: float = DEFAULT_MIN_DATA_RATE
     auth_file: str | None = None
     auth_required: bool = False
     tls_cert: str | None = None
@@ -70,3 +114,10 @@ class SinkConfig:
     reuse_port: bool = False
     #: Worker mode (``--workers``): write a JSON line of counters to stdout this often.
     report_interval: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in LIMIT_FIELDS:
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number (0 means no limit)")
+

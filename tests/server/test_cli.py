@@ -152,6 +152,26 @@ CASES: dict[str, tuple[Callable[[Path, TLSFiles], list[str]], tuple[str, ...]]] 
         ("plain.txt", "not a directory"),
     ),
     "maildir without path": (lambda tmp, tls: ["--store", "maildir:"], ("missing path",)),
+    "negative max-connections-per-ip": (
+        lambda tmp, tls: ["--max-connections-per-ip", "-1"],
+        ("--max-connections-per-ip",),
+    ),
+    "negative max-session-time": (
+        lambda tmp, tls: ["--max-session-time", "-5"],
+        ("--max-session-time",),
+    ),
+    "bad min-data-rate": (
+        lambda tmp, tls: ["--min-data-rate", "fast"],
+        ("--min-data-rate", "'fast'"),
+    ),
+    "bad max-junk-commands": (
+        lambda tmp, tls: ["--max-junk-commands", "many"],
+        ("--max-junk-commands", "'many'"),
+    ),
+    "negative max-auth-failures": (
+        lambda tmp, tls: ["--max-auth-failures", "-3"],
+        ("--max-auth-failures",),
+    ),
 }
 
 
@@ -265,6 +285,11 @@ OPTIONS = [
     "--max-recipients",
     "--max-connections",
     "--max-errors",
+    "--max-connections-per-ip",
+    "--max-junk-commands",
+    "--max-session-time",
+    "--min-data-rate",
+    "--max-auth-failures",
     "--auth-file",
     "--auth-required",
     "--tls-cert",
@@ -305,6 +330,77 @@ def test_sink_help(launcher: str) -> None:
         assert option in text, option
     for word in ("discard", "maildir:DIR", "mbox:FILE", "exit status"):
         assert word in text, word
+
+
+#: Every limit flag, and the config field it sets.
+LIMIT_FLAGS = {
+    "--max-size": "max_size",
+    "--max-recipients": "max_recipients",
+    "--max-connections": "max_connections",
+    "--max-connections-per-ip": "max_connections_per_ip",
+    "--max-errors": "max_errors",
+    "--max-junk-commands": "max_junk_commands",
+    "--max-auth-failures": "max_auth_failures",
+    "--max-session-time": "max_session_time",
+    "--min-data-rate": "min_data_rate",
+}
+
+
+def test_limit_help_says_zero_means_no_limit() -> None:
+    """Each limit's help line says what 0 means, and so does the epilog."""
+    from mailstorm.sink.cli import build_parser
+
+    parser = build_parser()
+    helps = {
+        option: action.help or ""
+        for action in parser._actions
+        for option in action.option_strings
+    }
+    for flag in LIMIT_FLAGS:
+        assert "0 = no limit" in helps[flag] or "0 = off" in helps[flag], flag
+    assert '0 means "no limit"' in (parser.epilog or "")
+
+
+def test_limit_flags_set_the_config() -> None:
+    """Every limit flag reaches its ``SinkConfig`` field, 0 included (0 means no limit, so it
+    must not be turned into anything else on the way)."""
+    from mailstorm.sink.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    for value in ("0", "7"):
+        argv = [arg for flag in LIMIT_FLAGS for arg in (flag, value)]
+        config = config_from_args(parser.parse_args(argv))
+        for flag, field in LIMIT_FLAGS.items():
+            assert getattr(config, field) == int(value), (flag, getattr(config, field))
+    config = config_from_args(parser.parse_args(["--min-data-rate", "1k"]))
+    assert config.min_data_rate == 1024.0
+
+
+def test_new_limit_defaults() -> None:
+    """The defaults of the new limits, the same from the command line and from code."""
+    from mailstorm.sink import SinkConfig
+    from mailstorm.sink.cli import build_parser, config_from_args
+
+    expected = {
+        "max_connections_per_ip": 0,
+        "max_session_time": 3600.0,
+        "min_data_rate": 256.0,
+        "max_junk_commands": 100,
+        "max_auth_failures": 10,
+    }
+    from_cli = config_from_args(build_parser().parse_args([]))
+    for field, value in expected.items():
+        assert getattr(SinkConfig(), field) == value, field
+        assert getattr(from_cli, field) == value, field
+
+
+@pytest.mark.parametrize("field", sorted(LIMIT_FLAGS.values()))
+def test_config_refuses_negative_limits(field: str) -> None:
+    """Code embedding the sink gets the same check as the command line."""
+    from mailstorm.sink import SinkConfig
+
+    with pytest.raises(ValueError, match=field):
+        SinkConfig(**{field: -1})  # type: ignore[arg-type]
 
 
 @needs_console_script
