@@ -9,7 +9,8 @@ listeners; idle sessions get 421 at once; sessions inside a transaction finish i
 421; after the grace period the rest are cancelled and sent 421. ``serve`` then returns normally.
 
 Error handling: running out of file descriptors in accept is survived by backing off (as trio's
-``serve_listeners`` does); a client over ``--max-connections`` gets 421 4.7.0 and is closed.
+``serve_listeners`` does), and logged once when it starts and once when it ends; a client over
+``--max-connections`` or ``--max-connections-per-ip`` gets 421 4.7.0 and is closed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from mailstorm._net.readiness import ReadinessHub
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.server import SessionPolicy
 
+from .admission import AcceptErrorEpisode, AddressSlots
+from .authlimit import AuthFailureLimiter
 from .config import Address, SinkConfig
 from .credentials import CredentialStore
 from .session import IdleReaper, Session, SessionContext
@@ -109,6 +112,11 @@ class SinkServer:
         self._skip_grace = False
         self._grace_scope: trio.CancelScope | None = None
         self._all_closed = trio.Event()
+        #: Open sessions per client address, for --max-connections-per-ip.
+        self._address_slots = AddressSlots(config.max_connections_per_ip)
+        self._accept_errors = AcceptErrorEpisode(log, trio.current_time, ACCEPT_BACKOFF)
+        #: Failed AUTH attempts per client address, shared by every session of this server.
+        self.auth_limiter = AuthFailureLimiter(config.max_auth_failures)
 
     @classmethod
     def from_config(cls, config: SinkConfig) -> SinkServer:
@@ -187,6 +195,7 @@ class SinkServer:
                 if self.config.report_interval > 0:
                     services.start_soon(self._report_to_supervisor, self.config.report_interval)
                 task_status.started(self.addresses + self.tls_addresses)
+            self._accept_errors.close()
             for listener, _ in listeners:
                 listener.close()
             await self._drain()
@@ -223,33 +232,45 @@ class SinkServer:
     ) -> None:
         """Accept connections in batches: one wake-up takes all that are waiting."""
         max_connections = self.config.max_connections or math.inf
+        slots = self._address_slots
+        per_address = bool(slots.limit)
+        accept_errors = self._accept_errors
         while True:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
                 try:
-                    sock, _ = listener.accept()
+                    sock, peer = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                         continue
                     if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                        log.error("accept: %s; backing off %.1fs", exc.strerror, ACCEPT_BACKOFF)
+                        accept_errors.failed(exc)
                         await trio.sleep(ACCEPT_BACKOFF)
                         break
                     raise
+                if accept_errors.failures:
+                    accept_errors.succeeded()
                 if len(self._sessions) >= max_connections:
                     self.stats.sessions_refused += 1
                     sessions.start_soon(self._refuse, SocketTransport(sock))
                     continue
+                address: str = peer[0]
+                if per_address and not slots.acquire(address):
+                    self.stats.sessions_refused += 1
+                    self.stats.sessions_refused_per_ip += 1
+                    sessions.start_soon(self._refuse, SocketTransport(sock))
+                    continue
                 session = Session(sock, self._ctx, tls=implicit_tls)
                 self._sessions.add(session)
-                sessions.start_soon(self._run_session, session)
+                sessions.start_soon(self._run_session, session, address)
 
-    async def _run_session(self, session: Session) -> None:
+    async def _run_session(self, session: Session, address: str) -> None:
         try:
             await session.run()
         finally:
+            self._address_slots.release(address)
             self._sessions.discard(session)
             if self._stopping and not self._sessions:
                 self._all_closed.set()

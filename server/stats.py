@@ -16,8 +16,10 @@ __all__ = ["SinkStats"]
 class SinkStats:
     sessions_total: int = 0
     sessions_active: int = 0
-    #: Connections refused with 421 because of --max-connections.
+    #: Connections refused with 421 because of --max-connections or --max-connections-per-ip.
     sessions_refused: int = 0
+    #: Of those, the ones refused because of --max-connections-per-ip.
+    sessions_refused_per_ip: int = 0
     tls_sessions: int = 0
     messages: int = 0
     #: Octets of message content accepted (after unstuffing, before trace headers).
