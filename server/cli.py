@@ -153,7 +153,8 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         type=non_negative_int,
         default=DEFAULT_MAX_JUNK_COMMANDS,
         metavar="N",
-        help="unknown or malformed commands before the session is ended with 421 "
+        help="NOOP, RSET, VRFY, EXPN and HELP commands between accepted messages before the "
+        "session is ended with 421, as Postfix's smtpd_junk_command_limit "
         f"(default {DEFAULT_MAX_JUNK_COMMANDS}; 0 = no limit)",
     )
     limits.add_argument(

@@ -28,7 +28,8 @@ DEFAULT_MAX_SESSION_TIME = 3600.0
 #: While a message arrives, each this many bytes buy one more second of data deadline
 #: (as Apache's mod_reqtimeout MinRate): a modem-speed sender keeps going, a trickle does not.
 DEFAULT_MIN_DATA_RATE = 256.0
-#: Unknown or malformed commands a session may send; HTTP requests and other junk end sooner.
+#: NOOP, RSET, VRFY, EXPN and HELP commands between accepted messages (as Postfix's
+#: smtpd_junk_command_limit): a session that only keeps itself alive is ended.
 DEFAULT_MAX_JUNK_COMMANDS = 100
 #: Failed AUTH attempts per client address within the window (see ``authlimit``).
 DEFAULT_MAX_AUTH_FAILURES = 10
@@ -90,7 +91,8 @@ class SinkConfig:
     #: default because the load generator drives a sink from 127.0.0.1.
     max_connections_per_ip: int = 0
     max_errors: int = DEFAULT_MAX_ERRORS
-    #: Unknown or malformed commands per session before it is ended with 421.
+    #: NOOP, RSET, VRFY, EXPN and HELP commands between accepted messages before the session
+    #: is ended with 421.
     max_junk_commands: int = DEFAULT_MAX_JUNK_COMMANDS
     #: Failed AUTH attempts per client address within 15 minutes before its sessions are
     #: ended with 421 4.7.0.
