@@ -111,7 +111,8 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="concurrent sessions from one client address before its new connections get "
-        "421 (default 0 = no limit, as a load generator connects from one address)",
+        "421; with --workers, per worker (default 0 = no limit, as a load generator "
+        "connects from one address)",
     )
 
     store = p.add_argument_group("storage")

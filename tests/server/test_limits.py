@@ -4,12 +4,15 @@ the bookkeeping behind it and behind the accept-error log (``server.admission``)
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
 from conftest import TEST_TIMEOUT, SMTPClient
 
+from mailstorm.ports import free_port
 from mailstorm.sink import SinkServer
 from mailstorm.sink.admission import AcceptErrorEpisode, AddressSlots
 
@@ -22,6 +25,8 @@ GLOBAL_CAP = 50
 PER_IP_CAP = 5
 #: A second loopback address (Linux routes all of 127.0.0.0/8 to lo).
 OTHER_ADDRESS = "127.0.0.2"
+#: Bound on a child sink's start-up (a Python process on a loaded machine).
+PROCESS_TIMEOUT = 60.0
 
 
 @pytest.fixture
@@ -105,6 +110,42 @@ async def test_no_per_address_cap_by_default(
     assert (await extra.reply()).code == 421
     assert server.stats.sessions_refused_per_ip == 0
     assert server.stats.sessions_refused == 1
+
+
+async def test_per_ip_flag_of_the_sink_process(open_client: OpenClient) -> None:
+    """``mailstorm sink --max-connections-per-ip 1`` as a real process: a second session from
+    the same address gets 421 4.7.0, one from another address the banner."""
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable, "-m", "mailstorm.sink", "--listen", f"127.0.0.1:{port}",
+            "--max-connections-per-ip", "1", "--quiet",
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(PROCESS_TIMEOUT):
+            while True:
+                try:
+                    first = await open_client(("127.0.0.1", port))
+                    break
+                except OSError:
+                    assert process.poll() is None, "the sink exited"
+                    await trio.sleep(0.05)
+        assert (await first.reply()).code == 220
+        second = await open_client(("127.0.0.1", port))
+        reply = await second.reply()
+        assert (reply.code, reply.enhanced) == (421, "4.7.0"), reply
+        other = await open_client(("127.0.0.1", port), source=OTHER_ADDRESS)
+        assert (await other.reply()).code == 220
+    finally:
+        process.terminate()
+        with trio.move_on_after(TEST_TIMEOUT):
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
 
 
 # ---- AddressSlots ------------------------------------------------------------------------
