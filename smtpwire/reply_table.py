@@ -64,6 +64,8 @@ DATA_DURING_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed during BDAT tran
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+# As Postfix: a TLS upgrade would have to forget the envelope (RFC 3207 4.2) mid-transaction.
+TLS_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NEED_EHLO_FOR_PARAMS = Reply(555, "5.5.4", "Error: parameters need EHLO")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Error: unrecognized authentication type")
 UNSUPPORTED_BODY = Reply(504, "5.5.4", "Error: unsupported BODY type")
@@ -113,6 +115,11 @@ def size_exceeded(limit: int) -> Reply:
 @cache
 def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
+@cache
+def too_many_commands(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many commands")
 
 
 @cache

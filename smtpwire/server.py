@@ -2,22 +2,27 @@
 
 Rules of this file: it never touches sockets, clocks, threads or files. Bytes go in with
 ``receive_data``; ``next_event`` processes as much buffered input as it can and returns an
-event (``NeedData``, ``MessageReceived``, ``AuthAttempt``, ``StartTLS``, ``Closed``); replies
-pile up until the driver takes them with ``data_to_send``. Events that need the driver's answer
-(storing a message, checking a password, the TLS handshake) park the machine until the driver
-calls ``message_stored``/``message_failed``, ``auth_result`` or ``tls_started``.
+event (``NeedData``, ``MessageReceived``, ``MessageRefused``, ``AuthAttempt``, ``StartTLS``,
+``Closed``); replies pile up until the driver takes them with ``data_to_send``.
+Events that need the driver's answer (storing a message, checking a password, the TLS
+handshake) park the machine until the driver calls ``message_stored``/``message_failed``,
+``auth_result`` or ``tls_started``.
 
 Theory of operation. Input is read by a reader chosen by ``Mode`` (command lines, a DATA body,
-BDAT octets, an AUTH continuation line), h11-style. A command line is matched once against
-``grammar.COMMAND`` and dispatched through ``_HANDLERS`` by verb. Whether a verb may run in the
-current transaction ``Phase`` is decided by one lookup in the ``_OUT_OF_SEQUENCE`` table; the
-handlers only move between phases. Because every complete command already buffered is processed
-before the driver is asked for more bytes, the replies to a PIPELINING group leave in one send.
+BDAT octets, an AUTH continuation line, the discarded rest of an overlong line), h11-style. A
+command line is matched once against ``grammar.COMMAND`` and dispatched through ``_HANDLERS``
+by verb. Whether a verb may run in the current transaction ``Phase`` is decided by one lookup
+in the ``_OUT_OF_SEQUENCE`` table; the handlers only move between phases. Because every
+complete command already buffered is processed before the driver is asked for more bytes, the
+replies to a PIPELINING group leave in one send.
 
 Security properties held here:
-- every buffer and count is bounded (command line, AUTH line, message size, recipients, errors);
+- every buffer and count is bounded (command line, AUTH line, message size, recipients, errors,
+  non-transaction commands); a line is refused as soon as it passes its limit,
+  and the rest of it is discarded unread;
 - after STARTTLS, anything the client pipelined in plaintext is discarded (CVE-2011-0411) and
-  the session forgets HELO, envelope and AUTH (RFC 3207 4.2);
+  the session forgets HELO, envelope and AUTH (RFC 3207 4.2); STARTTLS inside a transaction
+  is refused, so no envelope is lost to it;
 - only CRLF "." CRLF ends DATA (see ``data.DataReader``);
 - passwords only ever leave in an ``AuthAttempt`` (whose repr hides them).
 """
@@ -52,9 +57,12 @@ __all__ = ["Mode", "Phase", "ServerConnection", "SessionPolicy"]
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 MAX_COMMAND_LINE = 512
-#: RFC 4954 4: AUTH lines (command and responses) may be up to 12288 octets.
+#: RFC 4954 4: AUTH lines (the command and every response line) may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
-#: What ``_take_line`` returns for a dropped overlong line: no real line contains LF.
+# The same limits for a line's content, without its CRLF (a bare LF counts as a CRLF).
+_COMMAND_CONTENT = MAX_COMMAND_LINE - 2
+_AUTH_CONTENT = MAX_AUTH_LINE - 2
+#: What ``_take_line`` returns for a refused overlong line: no real line contains LF.
 _LINE_REFUSED = b"\n"
 _BDAT_ARGS = re.compile(r"([0-9]{1,18})( +LAST)? *", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
@@ -67,9 +75,16 @@ class SessionPolicy:
     hostname: str = "localhost"
     #: Largest message in octets (advertised as SIZE); 0 means no limit.
     max_size: int = 10 * 1024 * 1024
+    #: Recipients per transaction; the next one gets 452 4.5.3. 0 means no limit.
     max_recipients: int = 1000
-    #: Protocol errors (5xx to commands) before the session is ended with 421.
+    #: Protocol errors (5xx to commands) before the session is ended with 421 4.7.0.
+    #: 0 means no limit.
     max_errors: int = 20
+    #: NOOP, RSET, VRFY, EXPN and HELP commands a session may send (as Postfix's
+    #: smtpd_junk_command_limit); the next one is answered 421 4.7.0 and ends the session. The
+    #: count starts over when a message is accepted, so a long session that sends RSET
+    #: between messages is not cut off. 0 means no limit.
+    max_junk_commands: int = 100
     #: True when credentials exist, so AUTH PLAIN LOGIN can be offered.
     auth_enabled: bool = False
     auth_required: bool = False
@@ -111,6 +126,8 @@ class Mode(IntEnum):
     BDAT = auto()
     #: One line of an AUTH exchange (a base64 response or "*").
     AUTH_LINE = auto()
+    #: The rest of a line already refused as too long, up to its LF: dropped unread.
+    DISCARD_LINE = auto()
     #: Parked: the driver owes an answer (store, password check, TLS handshake).
     WAITING = auto()
     #: The session is over; input is ignored.
@@ -152,6 +169,9 @@ _OUT_OF_SEQUENCE: dict[tuple[str, Phase], Reply] = {
     ("AUTH", Phase.MAIL): R.AUTH_IN_TRANSACTION,
     ("AUTH", Phase.RCPT): R.AUTH_IN_TRANSACTION,
     ("AUTH", Phase.BDAT): R.AUTH_IN_TRANSACTION,
+    ("STARTTLS", Phase.MAIL): R.TLS_IN_TRANSACTION,
+    ("STARTTLS", Phase.RCPT): R.TLS_IN_TRANSACTION,
+    ("STARTTLS", Phase.BDAT): R.TLS_IN_TRANSACTION,
 }
 
 _HELP_TOPICS: dict[str, str] = {
@@ -196,11 +216,11 @@ class ServerConnection:
         self.auth_user: str | None = None
         self.envelope: Envelope | None = None
         self.errors = 0
+        #: NOOP, RSET, VRFY, EXPN and HELP since the session began or a message was accepted.
+        self.junk_commands = 0
         self._buf = bytearray()
         self._out: list[bytes] = [R.banner(policy.hostname).to_bytes()]
         self._eof = False
-        # An unterminated line over every limit was dropped; complain when its end arrives.
-        self._overlong = False
         # DATA/BDAT state.
         self._data_reader: DataReader | None = None
         self._bdat_reader: BdatReader | None = None
@@ -260,6 +280,8 @@ class ServerConnection:
 
     def message_stored(self, queue_id: str) -> None:
         """The driver stored the message of the last ``MessageReceived``."""
+        # As Postfix: junk commands are counted between delivered messages, not per session.
+        self.junk_commands = 0
         self._resume(R.queued(queue_id))
 
     def message_failed(self, reply: Reply = R.STORAGE_FAILED) -> None:
@@ -288,7 +310,7 @@ class ServerConnection:
     def close(self, reply: Reply | None = None) -> None:
         """End the session, optionally queueing a last reply (421 on shutdown or timeout)."""
         if reply is not None and self.mode is not Mode.CLOSED:
-            self._out.append(reply.to_bytes())
+            self._reply(reply)
         self.mode = Mode.CLOSED
         self._buf.clear()
 
@@ -304,8 +326,19 @@ class ServerConnection:
         """Reply to a client error and count it; past the limit the session ends with 421."""
         self._reply(reply)
         self.errors += 1
-        if self.errors >= self.policy.max_errors:
+        limit = self.policy.max_errors
+        if limit and self.errors >= limit:
             self.close(R.too_many_errors(self.policy.hostname))
+
+    def _junk_command(self) -> bool:
+        """Count a NOOP, RSET, VRFY, EXPN or HELP; True when it was one too many and the
+        session is now closed (with 421), so the command itself must not be answered."""
+        self.junk_commands += 1
+        limit = self.policy.max_junk_commands
+        if limit and self.junk_commands > limit:
+            self.close(R.too_many_commands(self.policy.hostname))
+            return True
+        return False
 
     def _resume(self, reply: Reply, *, error: bool = False) -> None:
         if self.mode is not Mode.WAITING:
@@ -334,25 +367,51 @@ class ServerConnection:
     def _take_line(self) -> bytes | None:
         """The next complete line without its CRLF (or bare LF), or None if there is none yet.
 
-        A line longer than any limit is dropped as it arrives (memory stays bounded) and
-        refused with 500 once its end shows up, so that its tail is never read as a command;
-        then ``_LINE_REFUSED`` is returned and the session is back in command mode.
+        A line over its limit (``_line_limit``) is refused with 500 as soon as it passes the
+        limit, whether or not its end is buffered yet, so that a client waiting for a reply
+        gets one; what is left of it up to its LF is then discarded unread (``DISCARD_LINE``),
+        never taken for a command. Either way ``_LINE_REFUSED`` is returned, and an AUTH
+        exchange in progress is over.
         """
         buf = self._buf
         end = buf.find(b"\n")
         if end < 0:
-            if len(buf) > MAX_AUTH_LINE:
-                del buf[:]
-                self._overlong = True
+            # No end yet. A trailing CR may be half of the CRLF, so it does not count.
+            length = len(buf)
+            if length > _COMMAND_CONTENT and length - (buf[-1] == 13) > self._line_limit(buf):
+                buf.clear()
+                self.mode = Mode.DISCARD_LINE
+                self._refuse(R.LINE_TOO_LONG)
+                return _LINE_REFUSED
             return None
-        line = bytes(memoryview(buf)[: end - 1 if end and buf[end - 1] == 13 else end])
-        del buf[: end + 1]
-        if self._overlong:
-            self._overlong = False
+        length = end - 1 if end and buf[end - 1] == 13 else end
+        if length > _COMMAND_CONTENT and length > self._line_limit(buf):
+            del buf[: end + 1]
             self.mode = Mode.COMMAND
             self._refuse(R.LINE_TOO_LONG)
             return _LINE_REFUSED
+        line = bytes(memoryview(buf)[:length])
+        del buf[: end + 1]
         return line
+
+    def _line_limit(self, buf: bytearray) -> int:
+        """The longest content (octets without CRLF) the line starting ``buf`` may have: an AUTH
+        command or response line may be as long as RFC 4954 allows, any other command line as
+        long as RFC 5321 allows. Only asked about lines longer than a command line may be."""
+        if self.mode is Mode.AUTH_LINE or buf[:5].upper() == b"AUTH ":
+            return _AUTH_CONTENT
+        return _COMMAND_CONTENT
+
+    def _discard_line(self) -> Event | None:
+        """Drop the rest of a refused overlong line, up to and including its LF."""
+        buf = self._buf
+        end = buf.find(b"\n")
+        if end < 0:
+            buf.clear()
+            return Closed() if self._eof else NeedData
+        del buf[: end + 1]
+        self.mode = Mode.COMMAND
+        return None
 
     def _read_command(self) -> Event | None:
         line = self._take_line()
@@ -371,11 +430,6 @@ class ServerConnection:
         return event
 
     def _dispatch_line(self, line: bytes) -> Event | None:
-        if len(line) > MAX_COMMAND_LINE - 2 and (
-            len(line) > MAX_AUTH_LINE - 2 or line[:5].upper() != b"AUTH "
-        ):
-            self._refuse(R.LINE_TOO_LONG)
-            return None
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -549,7 +603,8 @@ class ServerConnection:
         if not envelope.smtputf8 and not path.mailbox.isascii():
             self._refuse(R.NON_ASCII_RECIPIENT)
             return None
-        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
+        limit = self.policy.max_recipients
+        if limit and len(envelope.rcpt_tos) >= limit:
             self._reply(R.TOO_MANY_RECIPIENTS)
             return None
         envelope.rcpt_tos.append(path.mailbox)
@@ -603,6 +658,8 @@ class ServerConnection:
         return self._park(MessageReceived(envelope, content))
 
     def _rset(self, arg: str | None) -> Event | None:
+        if self._junk_command():
+            return None
         if arg and arg.strip():
             self._refuse(R.SYNTAX_NO_ARGS)
             return None
@@ -611,6 +668,8 @@ class ServerConnection:
         return None
 
     def _noop(self, arg: str | None) -> Event | None:
+        if self._junk_command():
+            return None
         self._reply(R.OK)
         return None
 
@@ -622,6 +681,8 @@ class ServerConnection:
         return Closed()
 
     def _vrfy(self, arg: str | None) -> Event | None:
+        if self._junk_command():
+            return None
         if not arg or not arg.strip():
             self._refuse(R.SYNTAX_VRFY)
             return None
@@ -629,6 +690,8 @@ class ServerConnection:
         return None
 
     def _expn(self, arg: str | None) -> Event | None:
+        if self._junk_command():
+            return None
         if not arg or not arg.strip():
             self._refuse(R.SYNTAX_EXPN)
             return None
@@ -636,6 +699,8 @@ class ServerConnection:
         return None
 
     def _help(self, arg: str | None) -> Event | None:
+        if self._junk_command():
+            return None
         topic = (arg or "").strip().upper()
         if not topic:
             self._reply(_HELP_ALL)
@@ -779,6 +844,7 @@ _READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
     Mode.DATA: ServerConnection._read_data,
     Mode.BDAT: ServerConnection._read_bdat,
     Mode.AUTH_LINE: ServerConnection._read_auth_line,
+    Mode.DISCARD_LINE: ServerConnection._discard_line,
     Mode.WAITING: ServerConnection._read_nothing,
     Mode.CLOSED: ServerConnection._read_nothing,
 }

@@ -241,10 +241,9 @@ def test_lf_terminated_commands_are_accepted() -> None:
 def test_line_too_long() -> None:
     d = Driver()
     assert d.one("NOOP " + "x" * 600) == "500 5.5.2 Error: line too long"
-    # An unterminated giant line is dropped as it arrives and refused at its end.
-    assert d.feed(b"x" * 20000) == []
-    assert d.feed(b"y" * 20000 + b"\r\nNOOP\r\n") == ["500 5.5.2 Error: line too long",
-                                                    "250 2.0.0 OK"]
+    # An unterminated giant line is refused as it passes the limit, then dropped to its end.
+    assert d.feed(b"x" * 20000) == ["500 5.5.2 Error: line too long"]
+    assert d.feed(b"y" * 20000 + b"\r\nNOOP\r\n") == ["250 2.0.0 OK"]
 
 
 def test_invalid_utf8_command() -> None:
@@ -399,13 +398,13 @@ def test_auth_needs_tls_when_tls_is_configured() -> None:
 
 def test_starttls_discards_pipelined_plaintext_and_resets_state() -> None:
     d = Driver(replace(POLICY, tls_available=True))
-    d.transaction()
+    d.one("EHLO c")
     # The injected MAIL must never be answered (CVE-2011-0411).
     assert d.feed("STARTTLS\r\nMAIL FROM:<evil@x>\r\n") == ["220 2.0.0 Ready to start TLS"]
     assert d.tls_requests == 1
     assert code(d.one("MAIL FROM:<a@b>")) == "503 5.5.1"  # EHLO forgotten
     d.one("EHLO c")
-    assert code(d.one("RCPT TO:<a@b>")) == "503 5.5.1"  # envelope forgotten
+    assert code(d.one("RCPT TO:<a@b>")) == "503 5.5.1"  # the injected MAIL never ran
     assert code(d.one("STARTTLS")) == "503 5.5.1"
 
 
@@ -440,12 +439,12 @@ def test_close_with_reply_for_shutdown() -> None:
 
 
 def test_overlong_auth_response_is_refused_once_and_its_tail_never_runs() -> None:
-    """A giant AUTH response is dropped as it arrives and refused at its end; the rest of
-    it is never read as commands (it used to be: the buffer was dropped mid-line)."""
+    """A giant AUTH response is refused as it passes the limit and dropped to its end; the
+    rest of it is never read as commands (it used to be: the buffer was dropped mid-line)."""
     d = Driver()
     d.one("EHLO c")
     assert d.one("AUTH PLAIN") == "334 "
-    assert d.feed(b"A" * 20000) == []
-    assert d.feed(b"B" * 20000 + b"QUIT\r\n") == ["500 5.5.2 Error: line too long"]
+    assert d.feed(b"A" * 20000) == ["500 5.5.2 Error: line too long"]
+    assert d.feed(b"B" * 20000 + b"QUIT\r\n") == []
     assert not d.closed  # "QUIT" was part of the dropped line, not a command
     assert d.one("NOOP") == "250 2.0.0 OK"
