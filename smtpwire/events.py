@@ -17,6 +17,7 @@ __all__ = [
     "MessageReceived",
     "MessageRefused",
     "NeedData",
+    "OutputFull",
     "StartTLS",
 ]
 
@@ -65,6 +66,26 @@ class _NeedData(Event):
 
 #: Singleton: returned when the connection needs more bytes from the peer.
 NeedData = _NeedData()
+
+
+class _OutputFull(Event):
+    """Replies are piling up unsent: send what ``data_to_send`` returns, then call
+    ``next_event`` again; do not read more input first.
+
+    The connection stops parsing while its queued output is at ``SessionPolicy.max_unsent_output``
+    or above, so a client that pipelines commands without reading the replies costs that bound
+    (plus one reply), not one reply per command it managed to send.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OUTPUT_FULL"
+
+
+#: Singleton: returned when unsent replies reached their bound and must leave before parsing
+#: goes on.
+OutputFull = _OutputFull()
 
 
 @dataclass(slots=True)

@@ -2,8 +2,9 @@
 
 Rules of this file: it never touches sockets, clocks, threads or files. Bytes go in with
 ``receive_data``; ``next_event`` processes as much buffered input as it can and returns an
-event (``NeedData``, ``MessageReceived``, ``MessageRefused``, ``AuthAttempt``, ``StartTLS``,
-``Closed``); replies pile up until the driver takes them with ``data_to_send``.
+event (``NeedData``, ``OutputFull``, ``MessageReceived``, ``MessageRefused``, ``AuthAttempt``,
+``StartTLS``, ``Closed``); replies pile up until the driver takes them with ``data_to_send``,
+and parsing pauses (``OutputFull``) while they are over ``SessionPolicy.max_unsent_output``.
 Events that need the driver's answer (storing a message, checking a password, the TLS
 handshake) park the machine until the driver calls ``message_stored``/``message_failed``,
 ``auth_result`` or ``tls_started``.
@@ -18,7 +19,7 @@ replies to a PIPELINING group leave in one send.
 
 Security properties held here:
 - every buffer and count is bounded (command line, AUTH line, message size, recipients, errors,
-  non-transaction commands); a line is refused as soon as it passes its limit,
+  non-transaction commands, unsent replies); a line is refused as soon as it passes its limit,
   and the rest of it is discarded unread;
 - after STARTTLS, anything the client pipelined in plaintext is discarded (CVE-2011-0411) and
   the session forgets HELO, envelope and AUTH (RFC 3207 4.2); STARTTLS inside a transaction
@@ -47,6 +48,7 @@ from .events import (
     MessageReceived,
     MessageRefused,
     NeedData,
+    OutputFull,
     StartTLS,
 )
 from .grammar import COMMAND, MAIL_ARGS, MAX_PATH_OCTETS, RCPT_ARGS, DuplicateParameter, Path
@@ -64,6 +66,9 @@ _COMMAND_CONTENT = MAX_COMMAND_LINE - 2
 _AUTH_CONTENT = MAX_AUTH_LINE - 2
 #: What ``_take_line`` returns for a refused overlong line: no real line contains LF.
 _LINE_REFUSED = b"\n"
+#: ``max_unsent_output == 0`` (no bound) as a bound no queue reaches, so that the check per
+#: command stays one integer compare.
+_NO_OUTPUT_BOUND = 1 << 62
 _BDAT_ARGS = re.compile(r"([0-9]{1,18})( +LAST)? *", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
@@ -85,6 +90,12 @@ class SessionPolicy:
     #: count starts over when a message is accepted, so a long session that sends RSET
     #: between messages is not cut off. 0 means no limit.
     max_junk_commands: int = 100
+    #: Octets of unsent replies at which parsing pauses and ``next_event`` returns
+    #: ``OutputFull`` until the driver takes them with ``data_to_send``: a client that
+    #: pipelines without reading then costs about this much output, not a reply per command.
+    #: 0 means no bound. The default stays 0 until the sink's session driver handles
+    #: ``OutputFull`` (a driver that does not would spin on it).
+    max_unsent_output: int = 0
     #: True when credentials exist, so AUTH PLAIN LOGIN can be offered.
     auth_enabled: bool = False
     auth_required: bool = False
@@ -219,7 +230,12 @@ class ServerConnection:
         #: NOOP, RSET, VRFY, EXPN and HELP since the session began or a message was accepted.
         self.junk_commands = 0
         self._buf = bytearray()
-        self._out: list[bytes] = [R.banner(policy.hostname).to_bytes()]
+        banner = R.banner(policy.hostname).to_bytes()
+        self._out: list[bytes] = [banner]
+        # Octets in ``_out``, kept as replies are queued: the back-pressure check is then one
+        # compare against ``_unsent_bound`` (``policy.max_unsent_output``, or never when 0).
+        self._unsent = len(banner)
+        self._unsent_bound = policy.max_unsent_output or _NO_OUTPUT_BOUND
         self._eof = False
         # DATA/BDAT state.
         self._data_reader: DataReader | None = None
@@ -244,8 +260,14 @@ class ServerConnection:
             self._eof = True
 
     def next_event(self) -> Event:
-        """Process buffered input until an event for the driver comes up."""
+        """Process buffered input until an event for the driver comes up.
+
+        Before each step it checks the unsent replies against their bound: at or over it,
+        ``OutputFull`` is returned and nothing more is parsed until ``data_to_send``.
+        """
         while True:
+            if self._unsent >= self._unsent_bound and self.mode is not Mode.CLOSED:
+                return OutputFull
             event = _READERS[self.mode](self)
             if event is not None:
                 return event
@@ -257,6 +279,7 @@ class ServerConnection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._unsent = 0
         return data
 
     @property
@@ -320,7 +343,9 @@ class ServerConnection:
     # ---- internals: replies ------------------------------------------------------------
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+        wire = reply.to_bytes()
+        self._out.append(wire)
+        self._unsent += len(wire)
 
     def _refuse(self, reply: Reply) -> None:
         """Reply to a client error and count it; past the limit the session ends with 421."""

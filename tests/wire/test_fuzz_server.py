@@ -1,13 +1,15 @@
 """Property-based fuzzing of the sans-IO server: any input, in any split, is survived.
 
 Whatever a peer sends, ``ServerConnection`` must never raise, must only emit well-formed
-replies, must keep its receive buffer bounded, and must never hand over a message larger than
-the limit. Inputs mix protocol fragments (so that deep states are reached) with raw bytes.
+replies, must keep its receive buffer bounded (and, with a bound on unsent output, its output
+too), and must never hand over a message larger than the limit. Inputs mix protocol fragments
+(so that deep states are reached) with raw bytes.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,10 +20,14 @@ from mailstorm.wire.events import (
     MessageReceived,
     MessageRefused,
     NeedData,
+    OutputFull,
     StartTLS,
 )
 from mailstorm.wire.replies import ReplyParser
 from mailstorm.wire.server import MAX_AUTH_LINE, ServerConnection, SessionPolicy
+
+#: More than any one reply the server sends (the HELP and EHLO replies are the longest).
+LONGEST_REPLY = 512
 
 MAX_SIZE = 2000
 POLICY = SessionPolicy(hostname="fuzz.test", max_size=MAX_SIZE, max_recipients=5,
@@ -42,9 +48,12 @@ _chunks = st.lists(st.sampled_from(_FRAGMENTS) | st.binary(max_size=64), max_siz
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunks=_chunks, auth_ok=st.booleans(), store_ok=st.booleans())
-def test_server_survives_any_input(chunks: list[bytes], auth_ok: bool, store_ok: bool) -> None:
-    conn = ServerConnection(POLICY)
+@given(chunks=_chunks, auth_ok=st.booleans(), store_ok=st.booleans(),
+       unsent_bound=st.sampled_from([0, 1, 300, 4096]))
+def test_server_survives_any_input(
+    chunks: list[bytes], auth_ok: bool, store_ok: bool, unsent_bound: int
+) -> None:
+    conn = ServerConnection(replace(POLICY, max_unsent_output=unsent_bound))
     parser = ReplyParser()
     closed = False
     for chunk in [*chunks, b""]:
@@ -53,7 +62,13 @@ def test_server_survives_any_input(chunks: list[bytes], auth_ok: bool, store_ok:
             event = conn.next_event()
             if event is NeedData:
                 break
-            if isinstance(event, MessageReceived):
+            if event is OutputFull:
+                # Parsing stopped at the bound, within one reply (two when the last ends
+                # the session with 421) of it.
+                out = conn.data_to_send()
+                assert unsent_bound <= len(out) < unsent_bound + 2 * LONGEST_REPLY
+                parser.feed(out)
+            elif isinstance(event, MessageReceived):
                 assert len(event.content) <= MAX_SIZE
                 if store_ok:
                     conn.message_stored("Q1")

@@ -1,8 +1,8 @@
 """The sans-IO server's limits, fed bytes: line lengths, STARTTLS in a transaction, the cap on
-non-transaction commands, and "0 means no limit" (issue 14).
+non-transaction commands, "0 means no limit", and back-pressure on unsent replies (issue 14).
 
 Each test drives ``ServerConnection`` directly the way the trio shell does: feed bytes, pull
-events until ``NeedData``, parse what was sent.
+events until ``NeedData`` (sending whatever ``OutputFull`` asks for), parse what was sent.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from mailstorm.wire.events import (
     Closed,
     MessageReceived,
     NeedData,
+    OutputFull,
     StartTLS,
 )
 from mailstorm.wire.replies import ReplyParser
@@ -29,8 +31,8 @@ TOO_LONG = "500 5.5.2 Error: line too long"
 
 
 class Driver:
-    """Plays the session driver: stores messages, fails every password, fakes the
-    handshake."""
+    """Plays the session driver: stores messages, fails every password, fakes the handshake,
+    and sends whenever the core says its output is full."""
 
     def __init__(self, policy: SessionPolicy = POLICY) -> None:
         self.conn = ServerConnection(policy)
@@ -38,6 +40,8 @@ class Driver:
         self.auths: list[AuthAttempt] = []
         self.tls_requests = 0
         self.closed = False
+        #: The size of each send ``OutputFull`` asked for.
+        self.full_sends: list[int] = []
         assert self.feed(b"")[0].startswith("220 sink.test")
 
     def feed(self, data: bytes | str) -> list[str]:
@@ -51,7 +55,11 @@ class Driver:
             event = self.conn.next_event()
             if event is NeedData:
                 break
-            if isinstance(event, MessageReceived):
+            if event is OutputFull:
+                out = self.conn.data_to_send()
+                self.full_sends.append(len(out))
+                sent += out
+            elif isinstance(event, MessageReceived):
                 self.conn.message_stored("Q")
             elif isinstance(event, AuthAttempt):
                 self.auths.append(event)
@@ -266,7 +274,7 @@ def test_zero_errors_means_no_limit() -> None:
 
 def test_zero_means_no_limit_for_every_limit() -> None:
     d = Driver(SessionPolicy(hostname="sink.test", max_size=0, max_recipients=0, max_errors=0,
-                             max_junk_commands=0))
+                             max_junk_commands=0, max_unsent_output=0))
     d.one("EHLO c")
     assert d.feed("NOOP\r\n" * 1000) == ["250 2.0.0 OK"] * 1000
     assert d.feed("FROB\r\n" * 1000) == ["500 5.5.2 Error: command not recognized"] * 1000
@@ -275,4 +283,98 @@ def test_zero_means_no_limit_for_every_limit() -> None:
         "250 2.1.5 Recipient OK"] * 2000
     d.one("DATA")
     assert code(d.feed(b"x" * 100_000 + b"\r\n.\r\n")[0]) == "250 2.0.0"
-    assert not d.closed
+    assert d.full_sends == [] and not d.closed
+
+
+# ---- 6. back-pressure: parsing pauses while unsent replies are over their bound -----------
+
+
+# Commands with their (distinct) replies, so that order shows.
+_ANSWERS = {
+    b"HELP\n": "214 2.0.0 Commands supported:",
+    b"NOOP\n": "250 2.0.0 OK",
+    b"HELP mail\n": "214 2.0.0 MAIL FROM:<address>",
+    b"VRFY a\n": "252 2.5.0 Cannot VRFY",
+    b"EXPN b\n": "252 2.5.0 Cannot EXPN",
+    b"RSET\n": "250 2.0.0 Reset OK",
+    b"EHLO c\n": "250 sink.test|PIPELINING",
+}
+
+
+@pytest.mark.parametrize("commands", [[b"HELP\n"], list(_ANSWERS)], ids=["HELP", "mixed"])
+def test_unsent_output_bound_pauses_parsing_and_loses_nothing(commands: list[bytes]) -> None:
+    """Issue 14 defect 3: 64 KiB of commands from a client that never reads used to be
+    answered into an unbounded buffer. With a bound, ``next_event`` returns ``OutputFull``
+    with at most the bound plus one reply queued, parses nothing more until the replies are
+    taken, and then goes on where it stopped: every command answered once, in order."""
+    bound = 4096
+    conn = ServerConnection(replace(POLICY, max_unsent_output=bound, max_junk_commands=0))
+    sent: list[bytes] = []
+    wire = bytearray()
+    while len(wire) < 65536:
+        command = commands[len(sent) % len(commands)]
+        sent.append(command)
+        wire += command
+    conn.receive_data(bytes(wire))
+    longest_reply = 256
+    out = bytearray()
+    fulls = 0
+    while (event := conn.next_event()) is not NeedData:
+        assert event is OutputFull
+        fulls += 1
+        # Not one more command is parsed before the replies are taken.
+        assert conn.next_event() is OutputFull
+        chunk = conn.data_to_send()
+        assert bound <= len(chunk) < bound + longest_reply
+        out += chunk
+    out += conn.data_to_send()
+    assert fulls >= len(out) // (bound + longest_reply)
+    parser = ReplyParser()
+    parser.feed(bytes(out))
+    replies = []
+    while (reply := parser.next_reply()) is not None:
+        replies.append(f"{reply.code} " + "|".join(reply.lines))
+    assert replies[0].startswith("220 ")
+    assert len(replies) == len(sent) + 1
+    for command, reply in zip(sent, replies[1:], strict=True):
+        assert reply.startswith(_ANSWERS[command]), (command, reply)
+
+
+# The same, with an error, a nested MAIL and an overlong line among them.
+_MIX = [*_ANSWERS, b"FROB\n", b"MAIL FROM:<a@b>\n", b"x" * 700 + b"\n"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bound=st.integers(1, 3000),
+    commands=st.lists(st.sampled_from(_MIX), max_size=80),
+    cuts=st.lists(st.integers(0, 60000), max_size=5),
+)
+def test_a_bound_on_unsent_output_changes_when_replies_leave_never_what_they_are(
+    bound: int, commands: list[bytes], cuts: list[int]
+) -> None:
+    policy = replace(POLICY, max_junk_commands=0, max_errors=0)
+    wire = b"".join(commands)
+    points = sorted({c for c in cuts if c < len(wire)} | {len(wire)})
+
+    def run(policy: SessionPolicy) -> tuple[bytes, int]:
+        conn = ServerConnection(policy)
+        out = bytearray()
+        start = 0
+        largest = 0
+        for point in points:
+            if point > start:  # b"" would mean the peer closed
+                conn.receive_data(wire[start:point])
+            start = point
+            while (event := conn.next_event()) is OutputFull:
+                chunk = conn.data_to_send()
+                largest = max(largest, len(chunk))
+                out += chunk
+            assert event is NeedData
+            out += conn.data_to_send()
+        return bytes(out), largest
+
+    unbounded, _ = run(policy)
+    bounded, largest = run(replace(policy, max_unsent_output=bound))
+    assert bounded == unbounded
+    assert largest < bound + 256
