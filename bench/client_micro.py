@@ -17,7 +17,8 @@ import time
 
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
-from mailstorm.wire.client import ClientConfig, ClientConnection, MessageDone, PhaseDone, Ready
+from mailstorm.wire.client import ClientConfig, ClientConnection
+from mailstorm.wire.client_events import MessageDone, NeedData, PhaseDone, SessionReady
 
 EHLO = b"250-bench.sink\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n"
 #: The end of one message and the group of the next, as one read.
@@ -29,10 +30,10 @@ def _ready_connection() -> ClientConnection:
     conn.connection_made(0.0)
     for reply in (b"220 bench.sink ESMTP\r\n", EHLO):
         conn.receive_data(reply, 0.0)
-        while (event := conn.next_event()) is not None:
+        while (event := conn.next_event()) is not NeedData:
             last = event
         conn.data_to_send(0.0)
-    assert last is Ready
+    assert type(last) is SessionReady
     return conn
 
 
@@ -46,7 +47,7 @@ def per_message_us(messages: int, *, measure: bool) -> float:
     conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
     conn.data_to_send(0.0)
     conn.receive_data(REPLIES.partition(b"\r\n")[2], 0.0)  # the first group: no message ends
-    while conn.next_event() is not None:
+    while conn.next_event() is not NeedData:
         pass
     delivered = 0
     started = time.perf_counter()
@@ -56,7 +57,7 @@ def per_message_us(messages: int, *, measure: bool) -> float:
         conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
         conn.data_to_send(now)
         conn.receive_data(REPLIES, now + 0.0005)
-        while (event := conn.next_event()) is not None:
+        while (event := conn.next_event()) is not NeedData:
             if type(event) is PhaseDone:
                 if measure:
                     record(event.phase, event.elapsed)

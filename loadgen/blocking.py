@@ -20,17 +20,16 @@ from typing import NoReturn
 
 from mailstorm._net.netstream import RECEIVE_SIZE
 from mailstorm.load.tls import client_ssl_context
-from mailstorm.wire.client import (
-    ClientConfig,
-    ClientConnection,
+from mailstorm.wire.client import ClientConfig, ClientConnection, Payload
+from mailstorm.wire.client_events import (
     ClientEvent,
-    Closed,
     MessageDone,
-    Payload,
+    NeedData,
     PhaseDone,
-    Ready,
+    ReadyForTLS,
+    SessionClosed,
     SessionFailed,
-    StartTLS,
+    SessionReady,
 )
 from mailstorm.wire.replies import ParsedReply
 
@@ -135,9 +134,9 @@ class BlockingSession:
         conn.connection_made(self.clock())
         while True:
             event = self._pump(self.setup_phases)
-            if event is Ready:
+            if type(event) is SessionReady:
                 return
-            if event is StartTLS:
+            if type(event) is ReadyForTLS:
                 self._handshake()
                 conn.tls_started()
                 continue
@@ -204,7 +203,7 @@ class BlockingSession:
         assert conn is not None and sock is not None
         while True:
             event = conn.next_event()
-            if event is None:
+            if event is NeedData:
                 try:
                     if conn.wants_to_send:
                         sock.sendall(conn.data_to_send(self.clock()))
@@ -219,16 +218,17 @@ class BlockingSession:
                     phase = conn.pending_phase or "session"
                     self.close()
                     raise SMTPSessionError(phase, "reset", str(exc)) from exc
-            elif isinstance(event, PhaseDone):
+            elif type(event) is PhaseDone:
                 phases[event.phase] = event.elapsed
             else:
+                assert isinstance(event, ClientEvent)
                 return event
 
     def _raise(self, event: ClientEvent) -> NoReturn:
         self.close()
         if isinstance(event, SessionFailed):
             raise SMTPSessionError(event.phase, event.kind or "reply", event.detail)
-        if event is Closed:
+        if type(event) is SessionClosed:
             raise SMTPSessionError("session", "reset", "the session was closed")
         raise SMTPSessionError("session", "protocol", f"unexpected {event!r}")
 

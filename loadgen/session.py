@@ -39,16 +39,17 @@ from mailstorm.load.config import LoadConfig
 from mailstorm.load.schedule import MessageTickets
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
-from mailstorm.wire.client import (
-    ClientConfig,
-    ClientConnection,
+from mailstorm.wire.client import ClientConfig, ClientConnection
+from mailstorm.wire.client_events import (
     ClientEvent,
-    Closed,
     MessageDone,
+    NeedData,
+    NeedDataType,
     PhaseDone,
-    Ready,
+    ReadyForTLS,
+    SessionClosed,
     SessionFailed,
-    StartTLS,
+    SessionReady,
 )
 
 __all__ = ["LoadSession", "SessionContext"]
@@ -236,7 +237,7 @@ class LoadSession:
             try:
                 conn.quit()
                 event = await self._pump()
-                if event is Closed:
+                if type(event) is SessionClosed:
                     # Wait (briefly) for the server's close, so TIME_WAIT lands on its side.
                     scope.deadline = trio.current_time() + min(CLOSE_WAIT, self.ctx.config.timeout)
                     while await stream.receive_some(RECEIVE_SIZE):
@@ -289,11 +290,11 @@ class LoadSession:
         conn.connection_made(self.now)
         while True:
             event = await self._pump()
-            if event is Ready:
+            if type(event) is SessionReady:
                 if ctx.config.pipeline_messages and not conn.pipelining:
                     stats.unpipelined_connections += 1  # the report warns: the flag did nothing
                 return
-            if event is StartTLS:
+            if type(event) is ReadyForTLS:
                 self.stream = await self._handshake(self.stream)
                 self.now = trio.current_time()
                 conn.tls_started()
@@ -327,7 +328,7 @@ class LoadSession:
         assert conn is not None and stream is not None
         while True:
             event = self._advance(conn)
-            if event is not None:
+            if isinstance(event, ClientEvent):
                 return event
             if conn.wants_to_send:
                 await stream.send_all(self._outgoing(conn, trio.current_time()))
@@ -365,7 +366,7 @@ class LoadSession:
         conn.receive_data(data, now)
         while True:
             event = self._advance(conn)
-            if event is not None:
+            if isinstance(event, ClientEvent):
                 self.resume = event
                 return False
             if not conn.wants_to_send:
@@ -381,17 +382,17 @@ class LoadSession:
         self._refresh_deadline(now)
         return True
 
-    def _advance(self, conn: ClientConnection) -> ClientEvent | None:
+    def _advance(self, conn: ClientConnection) -> ClientEvent | NeedDataType:
         """Take the connection's events that need no waiting; return the first other one.
 
         Timed replies are recorded (errors among them counted, once), and a message that
-        another one follows ends here. None: the connection waits for a write or a read.
+        another one follows ends here. ``NeedData``: the connection waits for a write or a read.
         """
         stats = self.ctx.stats
         while True:
             event = conn.next_event()
-            if event is None:
-                return None
+            if event is NeedData:
+                return event
             if type(event) is PhaseDone:
                 if event.ok:
                     stats.phases.record(event.phase, event.elapsed)

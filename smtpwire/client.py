@@ -11,7 +11,10 @@ Theory of operation: every command the client writes appends one *expectation* (
 reply it waits for) to a FIFO. ``data_to_send(now)`` stamps the expectations of the commands it
 returns with ``now``; each reply pops one expectation, so the time from the write that carried a
 command to the arrival of its reply is known without the driver keeping any bookkeeping. Each
-reply the driver should time comes out of ``next_event`` as a ``PhaseDone``.
+reply the driver should time comes out of ``next_event`` as a ``PhaseDone``; the events are
+those of ``mailstorm.wire.client_events``. What a reply does depends only on the expectation it
+answers: ``_ON_REPLY`` maps each expectation kind to its handler (a transition table, like the
+server connection's ``_HANDLERS``).
 
 With pipelining, MAIL, every RCPT and DATA (or MAIL, RCPT and BDAT with the whole content) go
 out in one write, so a message costs one write and one read per group. Once a message's content
@@ -30,9 +33,20 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mailstorm.wire.client_events import (
+    ClientEvent,
+    MessageDone,
+    NeedData,
+    NeedDataType,
+    PhaseDone,
+    ReadyForTLS,
+    SessionClosed,
+    SessionFailed,
+    SessionReady,
+)
 from mailstorm.wire.data import dot_stuff, normalize_line_endings
 from mailstorm.wire.replies import ParsedReply, ProtocolViolation, ReplyParser, ReplyTooLong
 
@@ -41,14 +55,7 @@ __all__ = [
     "Capabilities",
     "ClientConfig",
     "ClientConnection",
-    "ClientEvent",
-    "Closed",
-    "MessageDone",
     "Payload",
-    "PhaseDone",
-    "Ready",
-    "SessionFailed",
-    "StartTLS",
 ]
 
 #: Reply phases the client reports, in session order. ``bdat`` is an intermediate BDAT chunk;
@@ -114,96 +121,6 @@ _FAILED = 6
 
 _CRLF = b"\r\n"
 _LONE_DOT = b".\r\n"
-
-
-# ------------------------------------------------------------------------------------------
-# Events
-# ------------------------------------------------------------------------------------------
-
-
-class ClientEvent:
-    """Base class of everything ``ClientConnection.next_event`` returns."""
-
-    __slots__ = ()
-
-
-@dataclass(slots=True)
-class PhaseDone(ClientEvent):
-    """A reply that ends a timed phase.
-
-    ``elapsed`` is the receive time of the reply minus the send time of the command it answers
-    (for ``auth``: of the AUTH command; for ``banner``: of ``connection_made``), in the unit of
-    the timestamps the driver passes. ``ok`` says whether the reply is the one the plan wanted;
-    a reply that is not ok is an error for the driver to count.
-    """
-
-    phase: str
-    reply: ParsedReply
-    elapsed: float
-    ok: bool
-
-
-class _Ready(ClientEvent):
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "Ready"
-
-
-#: The session is set up (greeting, EHLO, STARTTLS and AUTH as configured): messages may start.
-Ready = _Ready()
-
-
-class _StartTLS(ClientEvent):
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "StartTLS"
-
-
-#: The server said 220 to STARTTLS: do the TLS handshake, then call ``tls_started``.
-StartTLS = _StartTLS()
-
-
-@dataclass(slots=True)
-class MessageDone(ClientEvent):
-    """The transaction of one message is over; the session is ready for the next one, or
-    the message started behind it (``can_start_next``) is the current one now.
-
-    ``delivered`` is True only after a 2xx to the end of the content (for LMTP: to at least one
-    recipient). ``failed_phase`` and ``reply`` name the first failure, if any.
-    """
-
-    delivered: bool
-    accepted_rcpts: int
-    failed_phase: str | None = None
-    reply: ParsedReply | None = None
-
-
-@dataclass(slots=True)
-class SessionFailed(ClientEvent):
-    """The session cannot go on: close the connection.
-
-    ``kind`` is None when the failure is a reply already reported by a ``PhaseDone`` with
-    ``ok=False`` (a 554 banner, a 535 to AUTH, a 421); otherwise it says what else went wrong:
-    ``"protocol"`` (the server broke the protocol, or lacks an extension the plan requires) or
-    ``"reset"`` (the server closed the connection).
-    """
-
-    phase: str
-    kind: str | None
-    detail: str
-
-
-class _Closed(ClientEvent):
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "Closed"
-
-
-#: QUIT was answered (or the server closed the connection after QUIT): close it too.
-Closed = _Closed()
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,8 +244,9 @@ class ClientConnection:
     """One client session. Not reusable: make a new one for each connection.
 
     Driver loop: call ``connection_made(now)`` once connected, then repeatedly take events with
-    ``next_event``; when it returns None, send ``data_to_send(now)`` if it is not empty, else
-    receive bytes and pass them to ``receive_data(data, now)`` (``b""`` at end of stream).
+    ``next_event``; when it returns ``NeedData``, send ``data_to_send(now)`` if it is not
+    empty, else receive bytes and pass them to ``receive_data(data, now)`` (``b""`` at end of
+    stream).
     """
 
     __slots__ = (
@@ -410,7 +328,7 @@ class ClientConnection:
             self._parser.feed(data)
         elif self._state == _QUITTING:
             self._state = _CLOSED
-            self._events.append(Closed)
+            self._events.append(SessionClosed())
         elif self._state not in (_CLOSED, _FAILED):
             self._fail("reset", "connection closed by server")
 
@@ -426,21 +344,21 @@ class ClientConnection:
         out.clear()
         return data
 
-    def next_event(self) -> ClientEvent | None:
-        """The next event, or None when the client needs to send or receive first."""
+    def next_event(self) -> ClientEvent | NeedDataType:
+        """The next event, or ``NeedData`` when the client needs to send or receive first."""
         events = self._events
         parser = self._parser
         while not events:
             # Checking for buffered bytes first saves a parse attempt on every empty read.
             if self._state >= _CLOSED or not parser.buffered:
-                return None
+                return NeedData
             try:
                 reply = parser.next_reply()
             except (ProtocolViolation, ReplyTooLong) as exc:
                 self._fail("protocol", str(exc))
                 break
             if reply is None:
-                return None
+                return NeedData
             self._on_reply(reply)
         return events.popleft()
 
@@ -486,7 +404,7 @@ class ClientConnection:
     def tls_started(self) -> None:
         """The TLS handshake after STARTTLS succeeded: greet again over TLS (RFC 3207 4.2)."""
         if self._state != _TLS:
-            raise RuntimeError("tls_started() without a StartTLS event")
+            raise RuntimeError("tls_started() without a ReadyForTLS event")
         self.tls_active = True
         self.capabilities = Capabilities()
         self._parser = ReplyParser()
@@ -624,7 +542,14 @@ class ClientConnection:
         self._stamps.clear()
         self._events.append(SessionFailed(phase, kind, detail))
 
+    # -- replies: one handler per expectation kind, chosen through ``_ON_REPLY`` -----------
+
     def _on_reply(self, reply: ParsedReply) -> None:
+        """Pop the expectation ``reply`` answers and run that expectation's handler.
+
+        A 421 ends the session whatever command it answers (the server is shutting down), so
+        it is checked once here rather than in every handler; to QUIT it is just the goodbye.
+        """
         if not self._stamps:
             self._fail("protocol", f"unexpected reply {reply.code} with no command outstanding")
             return
@@ -632,79 +557,45 @@ class ClientConnection:
         sent_at = self._stamps.popleft()
         code = reply.code
         elapsed = self._recv_now - sent_at
-        events = self._events
         if code == 421 and kind != _QUIT:
-            # The server is shutting the session down, whatever the command was.
-            events.append(PhaseDone(_PHASE_OF[kind], reply, elapsed, False))
+            self._events.append(PhaseDone(_PHASE_OF[kind], reply, elapsed, False))
             self._fail(None, f"server closing the session: {reply.code} {reply.text}")
             return
-        if _MAIL <= kind <= _DISCARD_EOD:
-            self._on_message_reply(kind, reply, code, elapsed, sent_at)
-        elif kind == _BANNER:
-            ok = code == 220
-            events.append(PhaseDone("banner", reply, elapsed, ok))
-            if ok:
-                self._send_greeting()
-            else:
-                self._fail(None, f"greeting refused: {code} {reply.text}", "banner")
-        elif kind in (_EHLO, _HELO):
-            self._on_ehlo_reply(kind, reply, code, elapsed)
-        elif kind == _STARTTLS:
-            ok = code == 220
-            events.append(PhaseDone("starttls", reply, elapsed, ok))
-            if not ok:
-                self._fail(None, f"STARTTLS refused: {code} {reply.text}", "starttls")
-            elif self._parser.buffered:
-                # Anything after the 220 was sent in clear text before the handshake and would
-                # be taken as if it came over TLS (the STARTTLS injection attack).
-                self._fail("protocol", "server sent data after its 220 to STARTTLS", "starttls")
-            else:
-                self._state = _TLS
-                events.append(StartTLS)
-        elif kind in (_AUTH_LOGIN_USER, _AUTH_LOGIN_PASS):
-            if kind == _AUTH_LOGIN_USER:
-                self._auth_started = sent_at
-            if code // 100 == 2:
-                # Some sinks (Postfix smtp-sink) accept AUTH at once, without the challenges.
-                events.append(PhaseDone("auth", reply, self._recv_now - self._auth_started, True))
-                self._greeting_done()
-            elif code != 334:
-                events.append(PhaseDone("auth", reply, self._recv_now - self._auth_started, False))
-                self._fail(None, f"AUTH LOGIN refused: {code} {reply.text}", "auth")
-            elif kind == _AUTH_LOGIN_USER:
-                self._command(_b64(self.config.auth_user or "").encode() + _CRLF, _AUTH_LOGIN_PASS)
-            else:
-                self._command(_b64(self.config.auth_password).encode() + _CRLF, _AUTH)
-        elif kind == _AUTH:
-            if self.config.auth_mech == "PLAIN":
-                self._auth_started = sent_at
-            ok = code // 100 == 2
-            events.append(PhaseDone("auth", reply, self._recv_now - self._auth_started, ok))
-            if ok:
-                self._greeting_done()
-            else:
-                self._fail(None, f"authentication failed: {code} {reply.text}", "auth")
-        elif kind == _RSET:
-            events.append(PhaseDone("rset", reply, elapsed, code // 100 == 2))
-            self._message_done()
-        elif kind == _QUIT:
-            events.append(PhaseDone("quit", reply, elapsed, code // 100 == 2))
-            self._state = _CLOSED
-            events.append(Closed)
+        _ON_REPLY[kind](self, reply, code, elapsed, sent_at)
 
-    def _on_ehlo_reply(self, kind: int, reply: ParsedReply, code: int, elapsed: float) -> None:
-        if code // 100 != 2:
-            if kind == _EHLO and not self.config.lmtp and code in (500, 502, 504, 550):
-                # An SMTP server without ESMTP: fall back to HELO (RFC 5321 3.2).
-                self._command(f"HELO {self.config.ehlo_name}\r\n".encode(), _HELO)
-                return
-            self._events.append(PhaseDone("ehlo", reply, elapsed, False))
-            self._fail(None, f"greeting refused: {code} {reply.text}", "ehlo")
-            return
+    # The session set-up: banner, EHLO (or HELO), STARTTLS, AUTH.
+
+    def _on_banner(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        ok = code == 220
+        self._events.append(PhaseDone("banner", reply, elapsed, ok))
+        if ok:
+            self._send_greeting()
+        else:
+            self._fail(None, f"greeting refused: {code} {reply.text}", "banner")
+
+    def _on_ehlo(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        if code // 100 == 2:
+            self._greeted(reply, elapsed, Capabilities.from_ehlo(reply))
+        elif not self.config.lmtp and code in (500, 502, 504, 550):
+            # An SMTP server without ESMTP: fall back to HELO (RFC 5321 3.2).
+            self._command(f"HELO {self.config.ehlo_name}\r\n".encode(), _HELO)
+        else:
+            self._greeting_refused(reply, code, elapsed)
+
+    def _on_helo(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        if code // 100 == 2:
+            self._greeted(reply, elapsed, Capabilities(greeting="HELO"))
+        else:
+            self._greeting_refused(reply, code, elapsed)
+
+    def _greeting_refused(self, reply: ParsedReply, code: int, elapsed: float) -> None:
+        self._events.append(PhaseDone("ehlo", reply, elapsed, False))
+        self._fail(None, f"greeting refused: {code} {reply.text}", "ehlo")
+
+    def _greeted(self, reply: ParsedReply, elapsed: float, caps: Capabilities) -> None:
+        """EHLO or HELO accepted: STARTTLS, AUTH or readiness, as the plan says."""
         self._events.append(PhaseDone("ehlo", reply, elapsed, True))
-        caps = self.capabilities = (
-            Capabilities.from_ehlo(reply) if kind == _EHLO else Capabilities(greeting="HELO")
-        )
+        self.capabilities = caps
         config = self.config
         if config.starttls and not self.tls_active:
             if not caps.starttls:
@@ -728,6 +619,57 @@ class ClientConnection:
             return
         self._greeting_done()
 
+    def _on_starttls(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        ok = code == 220
+        self._events.append(PhaseDone("starttls", reply, elapsed, ok))
+        if not ok:
+            self._fail(None, f"STARTTLS refused: {code} {reply.text}", "starttls")
+        elif self._parser.buffered:
+            # Anything after the 220 was sent in clear text before the handshake and would
+            # be taken as if it came over TLS (the STARTTLS injection attack).
+            self._fail("protocol", "server sent data after its 220 to STARTTLS", "starttls")
+        else:
+            self._state = _TLS
+            self._events.append(ReadyForTLS())
+
+    def _on_auth_login_user(
+        self, reply: ParsedReply, code: int, elapsed: float, sent_at: float
+    ) -> None:
+        # The AUTH phase is timed from the AUTH LOGIN command, across both challenges.
+        self._auth_started = sent_at
+        self._auth_login_step(reply, code, self.config.auth_user or "", _AUTH_LOGIN_PASS)
+
+    def _on_auth_login_pass(
+        self, reply: ParsedReply, code: int, elapsed: float, sent_at: float
+    ) -> None:
+        self._auth_login_step(reply, code, self.config.auth_password, _AUTH)
+
+    def _auth_login_step(self, reply: ParsedReply, code: int, answer: str, then: int) -> None:
+        """A 334 challenge of AUTH LOGIN: answer it (``then`` is what the answer expects)."""
+        if code // 100 == 2:
+            # Some sinks (Postfix smtp-sink) accept AUTH at once, without the challenges.
+            self._events.append(
+                PhaseDone("auth", reply, self._recv_now - self._auth_started, True)
+            )
+            self._greeting_done()
+        elif code != 334:
+            self._events.append(
+                PhaseDone("auth", reply, self._recv_now - self._auth_started, False)
+            )
+            self._fail(None, f"AUTH LOGIN refused: {code} {reply.text}", "auth")
+        else:
+            self._command(_b64(answer).encode() + _CRLF, then)
+
+    def _on_auth(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        if self.config.auth_mech == "PLAIN":
+            self._auth_started = sent_at
+        ok = code // 100 == 2
+        self._events.append(PhaseDone("auth", reply, self._recv_now - self._auth_started, ok))
+        if ok:
+            self._greeting_done()
+        else:
+            self._fail(None, f"authentication failed: {code} {reply.text}", "auth")
+
     def _greeting_done(self) -> None:
         caps = self.capabilities
         if self.config.chunking and not caps.chunking:
@@ -736,82 +678,79 @@ class ClientConnection:
         mode = self.config.pipelining
         self.pipelining = mode == "on" or (mode == "auto" and caps.pipelining)
         self._state = _READY
-        self._events.append(Ready)
+        self._events.append(SessionReady())
 
-    def _on_message_reply(
-        self, kind: int, reply: ParsedReply, code: int, elapsed: float, sent_at: float
-    ) -> None:
-        """One reply of a mail transaction.
+    # The mail transaction. Replies that only follow from an earlier failure of the same
+    # transaction (everything after a refused MAIL, the content reply when no recipient was
+    # accepted) produce no event: the failure was counted once, where it happened.
 
-        Replies that only follow from an earlier failure of the same transaction (everything
-        after a refused MAIL, the content reply when no recipient was accepted) produce no
-        event: the failure was counted once, where it happened.
-        """
-        events = self._events
+    def _on_mail(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
         positive = code // 100 == 2
-        if kind == _MAIL:
-            events.append(PhaseDone("mail", reply, elapsed, positive))
-            if positive:
-                self._mail_ok = True
-                if not self.pipelining:
-                    self._send_next_rcpt()
-            else:
-                self._message_failed("mail", reply)
-                if not self.pipelining:
-                    self._message_done()  # no transaction was opened: nothing to reset
-            return
-        if kind == _RCPT:
-            if self._mail_ok:
-                events.append(PhaseDone("rcpt", reply, elapsed, positive))
-                if positive:
-                    self._accepted += 1
-                else:
-                    self._message_failed("rcpt", reply)
-                if not self.pipelining:
-                    self._send_next_rcpt()
-            return
-        usable = self._mail_ok and self._accepted > 0
-        if kind == _DATA:
-            if code == 354:
-                if usable:
-                    events.append(PhaseDone("data", reply, elapsed, True))
-                    if self._msg_head:
-                        self._out.append(self._msg_head)
-                    self._out.append(self._msg_content)
-                    self._expect.append(_EOD)
-                    self._content_sent = True
-                else:
-                    # RFC 2920 3.1: DATA was accepted although no recipient was; the content
-                    # must not go out, and a lone "." ends the transaction.
-                    self._out.append(_LONE_DOT)
-                    self._expect.append(_DISCARD_EOD)
-                return
-            if usable:
-                events.append(PhaseDone("data", reply, elapsed, False))
-                self._message_failed("data", reply)
-            self._end_transaction(rset=self._mail_ok)
-            return
-        if kind == _BDAT:
-            if usable:
-                events.append(PhaseDone("bdat", reply, elapsed, positive))
-                if not positive:
-                    self._message_failed("bdat", reply)
+        self._events.append(PhaseDone("mail", reply, elapsed, positive))
+        if positive:
+            self._mail_ok = True
             if not self.pipelining:
-                if positive and usable:
-                    self._queue_bdat_chunk()
-                else:
-                    self._end_transaction(rset=self._mail_ok)
+                self._send_next_rcpt()
+        else:
+            self._message_failed("mail", reply)
+            if not self.pipelining:
+                self._message_done()  # no transaction was opened: nothing to reset
+
+    def _on_rcpt(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        if not self._mail_ok:
             return
-        if kind == _DISCARD_EOD:
-            self._end_transaction(rset=False)
+        positive = code // 100 == 2
+        self._events.append(PhaseDone("rcpt", reply, elapsed, positive))
+        if positive:
+            self._accepted += 1
+        else:
+            self._message_failed("rcpt", reply)
+        if not self.pipelining:
+            self._send_next_rcpt()
+
+    def _on_data(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        usable = self._mail_ok and self._accepted > 0
+        if code == 354:
+            if usable:
+                self._events.append(PhaseDone("data", reply, elapsed, True))
+                if self._msg_head:
+                    self._out.append(self._msg_head)
+                self._out.append(self._msg_content)
+                self._expect.append(_EOD)
+                self._content_sent = True
+            else:
+                # RFC 2920 3.1: DATA was accepted although no recipient was; the content
+                # must not go out, and a lone "." ends the transaction.
+                self._out.append(_LONE_DOT)
+                self._expect.append(_DISCARD_EOD)
             return
-        # _EOD: the reply to the end of DATA or to BDAT LAST.
-        if not usable:
+        if usable:
+            self._events.append(PhaseDone("data", reply, elapsed, False))
+            self._message_failed("data", reply)
+        self._end_transaction(rset=self._mail_ok)
+
+    def _on_bdat(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        usable = self._mail_ok and self._accepted > 0
+        positive = code // 100 == 2
+        if usable:
+            self._events.append(PhaseDone("bdat", reply, elapsed, positive))
+            if not positive:
+                self._message_failed("bdat", reply)
+        if not self.pipelining:
+            if positive and usable:
+                self._queue_bdat_chunk()
+            else:
+                self._end_transaction(rset=self._mail_ok)
+
+    def _on_eod(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        """The reply to the end of DATA or to BDAT LAST."""
+        if not (self._mail_ok and self._accepted > 0):
             # BDAT LAST answered after MAIL or every RCPT failed (pipelined): the server
             # refused it; MAIL may still be open.
             self._end_transaction(rset=self._mail_ok)
             return
-        events.append(PhaseDone("eod", reply, elapsed, positive))
+        positive = code // 100 == 2
+        self._events.append(PhaseDone("eod", reply, elapsed, positive))
         if positive:
             self._eod_ok += 1
         else:
@@ -826,6 +765,24 @@ class ClientConnection:
                 self._stamps.appendleft(sent_at)
                 return
         self._end_transaction(rset=False)
+
+    def _on_discard_eod(
+        self, reply: ParsedReply, code: int, elapsed: float, sent_at: float
+    ) -> None:
+        self._end_transaction(rset=False)
+
+    # The end of the session.
+
+    def _on_rset(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        self._events.append(PhaseDone("rset", reply, elapsed, code // 100 == 2))
+        self._message_done()
+
+    def _on_quit(self, reply: ParsedReply, code: int, elapsed: float, sent_at: float) -> None:
+        self._events.append(PhaseDone("quit", reply, elapsed, code // 100 == 2))
+        self._state = _CLOSED
+        self._events.append(SessionClosed())
+
+    # -- the transaction's bookkeeping -----------------------------------------------------
 
     def _send_next_rcpt(self) -> None:
         """Without pipelining: the next RCPT, or the content once every RCPT is answered."""
@@ -870,3 +827,27 @@ class ClientConnection:
         self._msg_whole = None
         self._msg_content = b""
         self._msg_rcpts = ()
+
+
+_ReplyHandler = Callable[[ClientConnection, ParsedReply, int, float, float], None]
+
+#: What to do with a reply, by the expectation it answers: the client's transition table
+#: (indexed by expectation kind, so one subscript replaces a chain of comparisons).
+_ON_REPLY: tuple[_ReplyHandler, ...] = (
+    ClientConnection._on_banner,  # _BANNER
+    ClientConnection._on_ehlo,  # _EHLO
+    ClientConnection._on_helo,  # _HELO
+    ClientConnection._on_starttls,  # _STARTTLS
+    ClientConnection._on_auth,  # _AUTH
+    ClientConnection._on_auth_login_user,  # _AUTH_LOGIN_USER
+    ClientConnection._on_auth_login_pass,  # _AUTH_LOGIN_PASS
+    ClientConnection._on_mail,  # _MAIL
+    ClientConnection._on_rcpt,  # _RCPT
+    ClientConnection._on_data,  # _DATA
+    ClientConnection._on_eod,  # _EOD
+    ClientConnection._on_bdat,  # _BDAT
+    ClientConnection._on_discard_eod,  # _DISCARD_EOD
+    ClientConnection._on_rset,  # _RSET
+    ClientConnection._on_quit,  # _QUIT
+)
+assert len(_ON_REPLY) == len(_PHASE_OF) == _QUIT + 1

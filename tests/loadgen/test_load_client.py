@@ -13,14 +13,17 @@ from mailstorm.wire.client import (
     Capabilities,
     ClientConfig,
     ClientConnection,
-    ClientEvent,
-    Closed,
-    MessageDone,
     Payload,
+)
+from mailstorm.wire.client_events import (
+    ClientEvent,
+    MessageDone,
+    NeedData,
     PhaseDone,
-    Ready,
+    ReadyForTLS,
+    SessionClosed,
     SessionFailed,
-    StartTLS,
+    SessionReady,
 )
 from mailstorm.wire.replies import ParsedReply
 
@@ -49,7 +52,7 @@ class Driver:
         self.now += advance
         self.conn.receive_data(data, self.now)
         events = []
-        while (ev := self.conn.next_event()) is not None:
+        while (ev := self.conn.next_event()) is not NeedData:
             events.append(ev)
         return events
 
@@ -63,7 +66,7 @@ def ready_driver(config: ClientConfig, ehlo: bytes = EHLO_PIPELINING) -> Driver:
     d.feed(b"220 sink.test ESMTP\r\n")
     assert d.flush() == f"EHLO {config.ehlo_name}\r\n".encode()
     events = d.feed(ehlo)
-    assert events[-1] is Ready
+    assert events[-1] == SessionReady()
     return d
 
 
@@ -94,7 +97,7 @@ def test_banner_ehlo_and_elapsed_times() -> None:
     events = d.feed(EHLO_PIPELINING, advance=0.25)
     assert phases(events) == [("ehlo", 250, True)]
     assert events[0].elapsed == 0.25
-    assert events[-1] is Ready
+    assert events[-1] == SessionReady()
     assert d.conn.pipelining
     assert d.conn.capabilities.size == 1000000
 
@@ -225,7 +228,7 @@ def test_no_next_message_with_lmtp() -> None:
     d = Driver(ClientConfig(lmtp=True))
     d.feed(b"220 lmtp.test\r\n")
     assert d.flush().startswith(b"LHLO ")
-    assert d.feed(EHLO_PIPELINING)[-1] is Ready
+    assert d.feed(EHLO_PIPELINING)[-1] == SessionReady()
     _in_data(d)
     assert not d.conn.can_start_next
 
@@ -417,12 +420,12 @@ def test_starttls_then_ehlo_again() -> None:
     assert d.flush() == b"STARTTLS\r\n"
     events = d.feed(b"220 go ahead\r\n")
     assert phases(events) == [("starttls", 220, True)]
-    assert events[-1] is StartTLS
+    assert events[-1] == ReadyForTLS()
     d.conn.tls_started()
     assert d.conn.tls_active
     assert d.flush() == b"EHLO mailstorm.test\r\n"
     events = d.feed(EHLO_PLAIN)
-    assert events[-1] is Ready
+    assert events[-1] == SessionReady()
 
 
 def test_starttls_injection_is_refused() -> None:
@@ -453,7 +456,7 @@ def test_auth_plain() -> None:
     assert d.flush() == b"AUTH PLAIN " + token + b"\r\n"
     events = d.feed(b"235 2.7.0 ok\r\n")
     assert phases(events) == [("auth", 235, True)]
-    assert events[-1] is Ready
+    assert events[-1] == SessionReady()
 
 
 def test_auth_login_elapsed_covers_the_whole_exchange() -> None:
@@ -469,7 +472,7 @@ def test_auth_login_elapsed_covers_the_whole_exchange() -> None:
     events = d.feed(b"235 ok\r\n")
     assert phases(events) == [("auth", 235, True)]
     assert events[0].elapsed == 3.0
-    assert events[-1] is Ready
+    assert events[-1] == SessionReady()
 
 
 def test_auth_refused_fails_the_session() -> None:
@@ -505,7 +508,7 @@ def test_helo_fallback() -> None:
     assert d.feed(b"502 what\r\n") == []
     assert d.flush() == b"HELO mailstorm.test\r\n"
     events = d.feed(b"250 old\r\n")
-    assert events[-1] is Ready and not d.conn.pipelining
+    assert events[-1] == SessionReady() and not d.conn.pipelining
 
 
 def test_421_ends_the_session_anywhere() -> None:
@@ -546,7 +549,7 @@ def test_quit() -> None:
     assert d.flush() == b"QUIT\r\n"
     events = d.feed(b"221 bye\r\n")
     assert phases(events) == [("quit", 221, True)]
-    assert events[-1] is Closed
+    assert events[-1] == SessionClosed()
     assert d.feed(b"") == []
 
 
@@ -554,7 +557,7 @@ def test_eof_after_quit_is_a_clean_close() -> None:
     d = ready_driver(ClientConfig())
     d.conn.quit()
     d.flush()
-    assert d.feed(b"") == [Closed]
+    assert d.feed(b"") == [SessionClosed()]
 
 
 def test_mail_parameters_follow_capabilities() -> None:
@@ -598,9 +601,9 @@ def test_any_split_of_the_reply_stream_gives_the_same_events(cuts: list[int]) ->
         conn.data_to_send(0.0)
         for chunk in chunks:
             conn.receive_data(chunk, 1.0)
-            while (ev := conn.next_event()) is not None:
+            while (ev := conn.next_event()) is not NeedData:
                 seen.append(repr(ev) if not isinstance(ev, PhaseDone) else f"{ev.phase}{ev.ok}")
-                if ev is Ready:
+                if ev == SessionReady():
                     conn.start_message("a@x.test", ["b@y.test", "c@y.test"], PAYLOAD)
                 # Whatever the client wants to send goes out before the next reply is read.
                 conn.data_to_send(1.0)
@@ -609,3 +612,13 @@ def test_any_split_of_the_reply_stream_gives_the_same_events(cuts: list[int]) ->
     whole = run([stream])
     assert whole[-1].startswith("MessageDone(delivered=True, accepted_rcpts=1")
     assert run([stream[a:b] for a, b in itertools.pairwise(points)]) == whole
+
+
+def test_one_vocabulary_with_the_server() -> None:
+    """'Need data' is the server's own sentinel; no client event borrows a server event's name
+    for something else."""
+    from mailstorm.wire import client_events, events
+
+    d = ready_driver(ClientConfig())
+    assert d.conn.next_event() is events.NeedData
+    assert set(client_events.__all__) & set(events.__all__) == {"NeedData"}

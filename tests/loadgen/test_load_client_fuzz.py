@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 from mailstorm.wire.client import (
     ClientConfig,
     ClientConnection,
-    Closed,
-    MessageDone,
     Payload,
+)
+from mailstorm.wire.client_events import (
+    MessageDone,
+    NeedData,
     PhaseDone,
-    Ready,
+    ReadyForTLS,
+    SessionClosed,
     SessionFailed,
-    StartTLS,
+    SessionReady,
 )
 
 _REPLIES = [
@@ -58,15 +61,15 @@ def test_client_survives_any_server(
             break
         conn.data_to_send(float(i))
         conn.receive_data(chunk, float(i))
-        while (event := conn.next_event()) is not None:
-            if event is Ready and started < messages:
+        while (event := conn.next_event()) is not NeedData:
+            if event == SessionReady() and started < messages:
                 started += 1
                 conn.start_message("a@b", ["c@d", "e@f"], payload)
-            elif event is Ready:
+            elif event == SessionReady():
                 conn.quit()
-            elif event is StartTLS:
+            elif event == ReadyForTLS():
                 conn.tls_started()
-            elif isinstance(event, SessionFailed) or event is Closed:
+            elif isinstance(event, SessionFailed) or event == SessionClosed():
                 ended = True
                 break
             else:
@@ -108,16 +111,16 @@ def test_client_survives_a_mostly_correct_server(config: ClientConfig, data: st.
         auth_steps = []
     for step in range(80):
         conn.data_to_send(float(step))
-        while (event := conn.next_event()) is not None:
-            if event is StartTLS:
+        while (event := conn.next_event()) is not NeedData:
+            if event == ReadyForTLS():
                 conn.tls_started()
-            elif isinstance(event, SessionFailed) or event is Closed:
+            elif isinstance(event, SessionFailed) or event == SessionClosed():
                 ended = True
                 break
             elif isinstance(event, MessageDone):
                 delivered += event.delivered
             else:
-                assert event is Ready or isinstance(event, PhaseDone), event
+                assert event == SessionReady() or isinstance(event, PhaseDone), event
         if ended:
             break
         if conn.is_ready:  # after the greeting, and after each MessageDone (as LoadSession)
