@@ -39,7 +39,7 @@ from .config import Address, SinkConfig
 from .credentials import CredentialStore
 from .session import IdleReaper, Session, SessionContext
 from .stats import SinkStats
-from .stores import DiscardStore, Store, open_store
+from .stores import Store, open_store
 from .tls import server_ssl_context
 
 __all__ = ["ConfigError", "SinkServer", "listening_sockets"]
@@ -84,6 +84,7 @@ class SinkServer:
             max_size=config.max_size,
             max_recipients=config.max_recipients,
             max_errors=config.max_errors,
+            max_junk_commands=config.max_junk_commands,
             auth_enabled=bool(credentials),
             auth_required=config.auth_required,
             tls_available=ssl_context is not None,
@@ -98,7 +99,9 @@ class SinkServer:
             ssl_context=ssl_context,
             command_timeout=config.command_timeout,
             data_timeout=config.data_timeout,
-            keeps_messages=not isinstance(store, DiscardStore),
+            min_data_rate=config.min_data_rate,
+            max_session_time=config.max_session_time,
+            auth_limiter=AuthFailureLimiter(config.max_auth_failures),
         )
         if config.tls_listen and ssl_context is None:
             raise ConfigError("--tls-listen needs --tls-cert and --tls-key")
@@ -116,7 +119,7 @@ class SinkServer:
         self._address_slots = AddressSlots(config.max_connections_per_ip)
         self._accept_errors = AcceptErrorEpisode(log, trio.current_time, ACCEPT_BACKOFF)
         #: Failed AUTH attempts per client address, shared by every session of this server.
-        self.auth_limiter = AuthFailureLimiter(config.max_auth_failures)
+        self.auth_limiter = self._ctx.auth_limiter
 
     @classmethod
     def from_config(cls, config: SinkConfig) -> SinkServer:

@@ -1,24 +1,35 @@
-"""The trio driver of one SMTP session: moves bytes between a stream and ``ServerConnection``.
+"""The trio driver of one SMTP session: moves bytes between a stream and ``SinkProtocol``.
 
-It owns time (command and data timeouts as cancel scopes), the TLS upgrade, calls to the store
-and the credential check, and the session's part in a graceful shutdown. It never parses SMTP:
-every decision about the protocol is the sans-IO core's.
+It owns time (deadlines watched by ``IdleReaper``), the TLS upgrade, calls to the store and the
+credential check, and the session's part in a graceful shutdown. It decides nothing: each step
+is ``SinkProtocol.advance`` (``protocol.py``), and this module only carries out the action it
+returns. While the task waits for input on a plain socket with a readiness hub, the hub runs
+``_on_readable`` for it, which carries out the same actions as far as they need no waiting
+(see the handler contract in ``mailstorm._net.readiness``).
 
-Resource handling: the connection is closed when ``run`` returns, whatever happened. Error handling:
-a peer that vanishes, resets, or fails the TLS handshake ends the session quietly (counted, not
-raised); a store failure becomes a 451 and the session goes on.
+Time. A command has ``command_timeout`` from the moment the session is ready for it until its
+line is complete: the deadline starts at a command boundary and is not moved by partial reads,
+so a client trickling a byte at a time cannot hold a session. While message content is read,
+the deadline is ``data_timeout`` after the last read, but never later than ``data_timeout``
+after the content began plus one second per ``min_data_rate`` octets received (as Apache's
+mod_reqtimeout MinRate). Time spent storing a message or checking a password is the server's,
+not the client's: no deadline runs then, so a slow store can never turn a stored message into
+a 421 (and a retried duplicate). A session older than ``max_session_time`` ends with 421 after
+its transaction, as a graceful shutdown does.
+
+Resource handling: the connection is closed when ``run`` returns, whatever happened. Error
+handling: a peer that vanishes, resets, or fails the TLS handshake ends the session quietly
+(counted, not raised); a store failure becomes a 451 and the session goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
-import os
 import socket
 import ssl
-import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -26,24 +37,16 @@ import trio
 from mailstorm._net.netstream import RECEIVE_SIZE, SocketTransport
 from mailstorm._net.readiness import ReadinessHub
 from mailstorm.wire import reply_table as R
-from mailstorm.wire.events import (
-    AuthAttempt,
-    Closed,
-    Event,
-    MessageReceived,
-    MessageRefused,
-    NeedData,
-    StartTLS,
-)
 from mailstorm.wire.replies import Reply
-from mailstorm.wire.server import ServerConnection, SessionPolicy
+from mailstorm.wire.server import SessionPolicy
 
+from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
+from .protocol import Action, SinkProtocol
 from .stats import SinkStats
 from .stores import Store, StoreError
-from .trace import trace_headers
 
-__all__ = ["Session", "SessionContext"]
+__all__ = ["IdleReaper", "Session", "SessionContext"]
 
 log = logging.getLogger("mailstorm.sink")
 
@@ -70,33 +73,22 @@ class SessionContext:
     ssl_context: ssl.SSLContext | None
     command_timeout: float
     data_timeout: float
-    #: Whether the store keeps messages (then trace headers are built for each one). One
-    #: that does not never waits either, so ``Session._on_readable`` counts its messages.
-    keeps_messages: bool
+    #: Octets per second a message's content must keep up, on average (0: no minimum).
+    min_data_rate: float = 0.0
+    #: Seconds a session may last before it is ended after its transaction (0: no limit).
+    max_session_time: float = 0.0
+    #: Failed AUTH attempts per client address (None: no delays, no cut-off).
+    auth_limiter: AuthFailureLimiter | None = None
     #: Where plain sockets learn readiness (None: through trio's own waits).
     hub: ReadinessHub | None = None
 
 
-class _QueueIds:
-    """Short unique queue ids: a per-process prefix and a counter, as Postfix's are short."""
-
-    def __init__(self) -> None:
-        self._prefix = f"{int(time.time()) & 0xFFFFFF:06X}{os.getpid() & 0xFFFF:04X}"
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):06X}"
-
-
-_queue_ids = _QueueIds()
-
-
 class IdleReaper:
-    """Ends sessions whose ``idle_deadline`` has passed: one task per server, not one timer
-    per session operation.
+    """Ends sessions whose deadline has passed: one task per server, not one timer per
+    session operation.
 
     Precision is ``interval`` (a quarter of the shortest timeout, at most a second): a session
-    gets its 421 between ``timeout`` and ``timeout + interval`` after it began to wait.
+    gets its 421 between its deadline and ``interval`` after it.
     """
 
     def __init__(self, sessions: set[Session], interval: float) -> None:
@@ -105,7 +97,7 @@ class IdleReaper:
 
     @classmethod
     def for_timeouts(cls, sessions: set[Session], *timeouts: float) -> IdleReaper:
-        return cls(sessions, max(0.01, min(1.0, *(t / 4 for t in timeouts))))
+        return cls(sessions, max(0.01, min(1.0, *(t / 4 for t in timeouts if t > 0))))
 
     async def run(self) -> None:
         while True:
@@ -113,6 +105,8 @@ class IdleReaper:
             now = trio.current_time()
             for session in [s for s in self.sessions if s.idle_deadline < now]:
                 session.time_out()
+            for session in [s for s in self.sessions if s.end_deadline < now]:
+                session.lifetime_over()
 
 
 class Session:
@@ -121,7 +115,7 @@ class Session:
     Time: before each wait for input the session writes ``idle_deadline`` (a float; nothing
     else), and the server's ``IdleReaper`` cancels the session's one cancel scope once that
     deadline has passed. Moving a trio deadline on every command cost more than parsing the
-    command. A cancelled session says 421 (timeout, or shutdown when ``stopping``) and ends.
+    command. A cancelled session says 421 (timeout, or the reply its stop chose) and ends.
     """
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
@@ -131,55 +125,81 @@ class Session:
         self.stream: trio.abc.Stream = plain
         self.ctx = ctx
         self.implicit_tls = tls
-        self.conn = ServerConnection(ctx.policy, tls_active=tls)
-        #: Set by a graceful shutdown: finish the transaction in progress, then say 421.
-        self.stopping = False
+        self.protocol = SinkProtocol(
+            ctx.policy,
+            ctx.store,
+            ctx.stats,
+            peer_ip=self.peer_ip,
+            tls=tls,
+            auth_limiter=ctx.auth_limiter,
+        )
         self._scope = trio.CancelScope()
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
+        #: When this session has lasted too long (trio clock); watched by ``IdleReaper``.
+        self.end_deadline = math.inf
         self._waiting_for_input = False
+        #: While message content is read: when it began, and octets received since.
+        self._content_started = -1.0
+        self._content_bytes = 0
         #: The TCP stream under any TLS: while it is the session's stream and has a readiness
-        #: hub, the hub runs ``_on_readable`` for it (see ``_next_input``).
+        #: hub, the hub runs ``_on_readable`` for it (see ``_receive``).
         self._plain = plain
-        #: Where ``_on_readable`` stopped: the event the woken task handles next.
-        self._resume_event: Event = NeedData
+        #: Where ``_on_readable`` stopped: the action the woken task carries out next.
+        self._resume_action = Action.RECEIVE
         #: Replies ``_on_readable`` could not send without waiting.
         self._unsent = b""
+        self._actions: dict[Action, Callable[[], Awaitable[Action | None]]] = {
+            Action.RECEIVE: self._receive,
+            Action.SEND: self._send,
+            Action.DELIVER: self._deliver,
+            Action.CHECK_AUTH: self._check_credentials,
+            Action.START_TLS: self._start_tls,
+            Action.CLOSE: self._close,
+        }
 
     # ---- lifecycle hooks called by the server ------------------------------------------
 
-    def request_stop(self) -> None:
+    def request_stop(self, reply: Reply | None = None) -> None:
         """Graceful shutdown: an idle session stops now, a busy one after its transaction."""
-        self.stopping = True
-        if self._waiting_for_input and not self.conn.in_transaction:
+        protocol = self.protocol
+        protocol.stop(reply or R.shutting_down(self.ctx.policy.hostname))
+        if self._waiting_for_input and not protocol.in_transaction:
             self._scope.cancel()
 
     def force_stop(self) -> None:
-        """The grace period is over: stop whatever the session is doing."""
-        self.stopping = True
+        """The grace period is over: stop whatever the session is doing (a store in progress
+        finishes first, and its message gets its 250 before the 421)."""
+        self.protocol.stop(R.shutting_down(self.ctx.policy.hostname))
         self._scope.cancel()
 
     def time_out(self) -> None:
         """``idle_deadline`` has passed: the session ends with 421 4.4.2."""
         self._scope.cancel()
 
+    def lifetime_over(self) -> None:
+        """``end_deadline`` has passed: the session ends with 421 after its transaction."""
+        self.end_deadline = math.inf
+        self.request_stop(R.session_too_long(self.ctx.policy.hostname))
+
     # ---- the session -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        stats = self.ctx.stats
+        ctx = self.ctx
+        stats = ctx.stats
         stats.sessions_total += 1
         stats.sessions_active += 1
         try:
             with self._scope:
-                self.idle_deadline = trio.current_time() + self.ctx.command_timeout
+                now = trio.current_time()
+                self.idle_deadline = now + ctx.command_timeout
+                if ctx.max_session_time > 0:
+                    self.end_deadline = now + ctx.max_session_time
                 if self.implicit_tls and not await self._handshake():
                     return
                 await self._loop()
             if self._scope.cancelled_caught:
-                hostname = self.ctx.policy.hostname
-                await self._goodbye(
-                    R.shutting_down(hostname) if self.stopping else R.timed_out(hostname)
-                )
+                await self._goodbye(self.protocol.timed_out_reply())
         except _STREAM_ERRORS as exc:
             # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
@@ -192,47 +212,38 @@ class Session:
                 await trio.aclose_forcefully(stream)
 
     async def _loop(self) -> None:
-        conn = self.conn
-        ctx = self.ctx
-        event = conn.next_event()
-        while True:
-            if event is NeedData:
-                event = await self._next_input()
-                continue
-            if type(event) is MessageReceived:
-                await self._deliver(event)
-            elif type(event) is MessageRefused:
-                ctx.stats.messages_refused += 1
-            elif type(event) is AuthAttempt:
-                await self._check_credentials(event)
-            elif type(event) is StartTLS:
-                await self._flush()
-                if not await self._handshake():
-                    return
-                conn.tls_started()
-            elif type(event) is Closed:
-                await self._flush()
-                return
-            event = conn.next_event()
+        """Carry out the protocol's actions until one of them ends the session."""
+        actions = self._actions
+        action: Action | None = self.protocol.advance()
+        while action is not None:
+            action = await actions[action]()
 
-    async def _next_input(self) -> Event:
-        """Answer everything read so far, wait for more input, and return the next event."""
-        conn = self.conn
-        ctx = self.ctx
+    async def _flush(self) -> None:
+        data = self.protocol.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    # ---- one method per action: each carries it out and returns the next ------------------
+
+    async def _send(self) -> Action:
+        await self._flush()
+        return self.protocol.advance()
+
+    async def _close(self) -> None:
+        await self._flush()
+
+    async def _receive(self) -> Action:
+        """Answer everything so far, wait for more input, and return the next action."""
+        protocol = self.protocol
         # The replies to everything read so far, in one send (inline: once a command).
-        replies = conn.data_to_send()
-        if replies:
-            await self.stream.send_all(replies)
-        if self.stopping and not conn.in_transaction:
-            conn.close(R.shutting_down(ctx.policy.hostname))
-            return conn.next_event()
+        await self._flush()
         self._arm_idle_deadline()
         plain = self._plain
         self._waiting_for_input = True
         data: bytes | bytearray | None = None
         try:
             if self.stream is plain and plain.drained:
-                self._resume_event = NeedData
+                self._resume_action = Action.RECEIVE
                 await plain.wait_inline(self._on_readable)
             else:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -240,74 +251,139 @@ class Session:
             self._waiting_for_input = False
         if data is None:
             return await self._resume_inline()
-        conn.receive_data(data)
-        return conn.next_event()
+        self._count_content(len(data))
+        protocol.receive(data)
+        return protocol.advance()
+
+    async def _deliver(self) -> Action:
+        protocol = self.protocol
+        delivery = protocol.delivery
+        assert delivery is not None
+        # The store's time is not the client's: no deadline runs while it works, and a
+        # shutdown waits for it, so a message is never stored and then answered 421.
+        self.idle_deadline = math.inf
+        try:
+            with trio.CancelScope(shield=True):
+                await self.ctx.store.deliver(
+                    delivery.event.envelope, delivery.event.content, delivery.trace
+                )
+        except (StoreError, OSError) as exc:
+            log.error("storing message %s failed: %s", delivery.queue_id, exc)
+            protocol.delivery_failed()
+        else:
+            protocol.delivered()
+        return protocol.advance()
+
+    async def _check_credentials(self) -> Action:
+        protocol = self.protocol
+        attempt = protocol.auth_attempt
+        assert attempt is not None
+        credentials = self.ctx.credentials
+        self.idle_deadline = math.inf  # the server's time, as for a store
+        ok = False
+        if credentials is not None and not protocol.auth_blocked:
+            if credentials.needs_thread(attempt.username):
+                # scrypt takes tens of milliseconds: keep the event loop free meanwhile.
+                ok = await trio.to_thread.run_sync(
+                    credentials.verify, attempt.username, attempt.password, limiter=_SCRYPT_LIMITER
+                )
+            else:
+                ok = credentials.verify(attempt.username, attempt.password)
+        if not ok:
+            # The username is not a secret; the password never appears in a log line.
+            log.info(
+                "AUTH %s failed for user %r from %s",
+                attempt.mechanism,
+                attempt.username[:64],
+                self.peer_ip,
+            )
+        delay = protocol.auth_checked(ok)
+        if delay:
+            await trio.sleep(delay)
+        return protocol.advance()
+
+    async def _start_tls(self) -> Action | None:
+        await self._flush()
+        if not await self._handshake():
+            return None
+        return self.protocol.advance()
 
     # ---- the inline fast path ----------------------------------------------------------------
     #
     # Why: a lock-step client (one command per write, as smtp-source and most MTAs send) cost
     # the sink four task wake-ups per message, and a trio task switch costs more than parsing
     # the command. So while the task waits for input on a plain socket, the readiness hub calls
-    # ``_on_readable`` on each arrival, in its own turn: one read, fed to the core, replies
-    # sent, discarded messages counted, without waking the task. Whatever needs waiting (a
-    # store that writes, AUTH, STARTTLS, a full socket buffer, the end of the session, a
-    # shutdown) or more input than one read (a large body, which the task then reads with the
-    # transport's fairness) wakes the task, which goes on from the event ``_on_readable``
-    # stopped at. The task still owns the session: its cancel scope (timeouts, shutdown) ends
-    # the wait at any time, and the protocol is still only the core's.
+    # ``_on_readable`` on each arrival: one read, fed to the protocol, replies sent without
+    # waiting. Any other action, a full socket buffer, or more input than one read wakes the
+    # task, which carries on from the action ``_on_readable`` stopped at.
 
-    async def _resume_inline(self) -> Event:
-        """Woken from the inline wait: finish what ``_on_readable`` left, return its event."""
+    async def _resume_inline(self) -> Action:
+        """Woken from the inline wait: finish what ``_on_readable`` left, return its action."""
         unsent, self._unsent = self._unsent, b""
         if unsent:
             await self._plain.send_all(unsent)
-        return self._resume_event
+        return self._resume_action
 
     def _on_readable(self) -> bool:
         """Run on the hub's turn: True to let the task sleep on, False to wake it."""
         plain = self._plain
-        conn = self.conn
-        ctx = self.ctx
+        protocol = self.protocol
         data = plain.receive_nowait(RECEIVE_SIZE)
         if data is None:
             return True  # nothing new after all (edges may be spurious)
-        conn.receive_data(data)
-        event = conn.next_event()
-        while event is not NeedData:
-            if type(event) is MessageReceived and not ctx.keeps_messages:
-                self._count_delivery(event, _queue_ids.next())
-            elif type(event) is MessageRefused:
-                ctx.stats.messages_refused += 1
-            else:
-                self._resume_event = event
-                return False
-            event = conn.next_event()
-        replies = conn.data_to_send()
-        if replies:
-            sent = plain.send_nowait(replies)
-            if sent < len(replies):
-                self._unsent = replies[sent:]  # the task waits for buffer space
-                return False
-        if (self.stopping and not conn.in_transaction) or not plain.drained:
+        self._count_content(len(data))
+        protocol.receive(data)
+        action = protocol.advance()
+        while True:
+            replies = protocol.data_to_send()
+            if replies:
+                sent = plain.send_nowait(replies)
+                if sent < len(replies):
+                    self._unsent = replies[sent:]  # the task waits for buffer space
+                    self._resume_action = action
+                    return False
+            if action is not Action.SEND:
+                break
+            action = protocol.advance()
+        if action is not Action.RECEIVE or not plain.drained:
+            self._resume_action = action
             return False
         self._arm_idle_deadline()
         return True
 
-    def _arm_idle_deadline(self) -> None:
-        """The session waits for input from now: a command's timeout, or a data block's."""
-        ctx = self.ctx
-        timeout = ctx.data_timeout if self.conn.receiving_content else ctx.command_timeout
-        self.idle_deadline = trio.current_time() + timeout
+    # ---- time ------------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            await self.stream.send_all(data)
+    def _arm_idle_deadline(self) -> None:
+        """The session waits for input from now: set the deadline that applies (see the
+        module docstring)."""
+        ctx = self.ctx
+        protocol = self.protocol
+        now = trio.current_time()
+        if protocol.receiving_content:
+            if self._content_started < 0:
+                self._content_started = now
+                self._content_bytes = 0
+            deadline = now + ctx.data_timeout
+            if ctx.min_data_rate > 0:
+                earned = self._content_started + ctx.data_timeout
+                deadline = min(deadline, earned + self._content_bytes / ctx.min_data_rate)
+            self.idle_deadline = deadline
+            return
+        self._content_started = -1.0
+        if protocol.at_command_boundary or self.idle_deadline == math.inf:
+            self.idle_deadline = now + ctx.command_timeout
+        # Otherwise a partial command line is buffered: its deadline keeps running.
+
+    def _count_content(self, size: int) -> None:
+        if self._content_started >= 0:
+            self._content_bytes += size
+
+    # ---- helpers ------------------------------------------------------------------------
 
     async def _goodbye(self, reply: Reply) -> None:
-        """Send a last 421, shielded and bounded, if the connection still works."""
-        self.conn.close(reply)
-        data = self.conn.data_to_send()
+        """Send what is pending and a last 421, shielded and bounded, if the connection
+        still works (a message stored during a shutdown thus still gets its 250)."""
+        data = self.protocol.goodbye(reply)
         if not data:
             return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
@@ -326,63 +402,8 @@ class Session:
         except trio.BrokenResourceError as exc:
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
             return False
-        ctx.stats.tls_sessions += 1
+        self.protocol.tls_started(*_tls_details(tls_stream))
         return True
-
-    async def _deliver(self, event: MessageReceived) -> None:
-        ctx = self.ctx
-        stats = ctx.stats
-        queue_id = _queue_ids.next()
-        envelope = event.envelope
-        try:
-            if ctx.keeps_messages:
-                version, cipher = _tls_details(self.stream)
-                trace = trace_headers(
-                    envelope,
-                    hostname=ctx.policy.hostname,
-                    peer_name="unknown",
-                    peer_ip=self.peer_ip,
-                    queue_id=queue_id,
-                    tls_version=version,
-                    tls_cipher=cipher,
-                )
-            else:
-                trace = b""
-            await ctx.store.deliver(envelope, event.content, trace)
-        except (StoreError, OSError) as exc:
-            stats.storage_failures += 1
-            stats.messages_refused += 1
-            log.error("storing message %s failed: %s", queue_id, exc)
-            self.conn.message_failed()
-            return
-        self._count_delivery(event, queue_id)
-
-    def _count_delivery(self, event: MessageReceived, queue_id: str) -> None:
-        """The message is stored (or discarded): count it and send the 250."""
-        stats = self.ctx.stats
-        stats.messages += 1
-        stats.bytes += len(event.content)
-        stats.recipients += len(event.envelope.rcpt_tos)
-        self.conn.message_stored(queue_id)
-
-    async def _check_credentials(self, event: AuthAttempt) -> None:
-        credentials = self.ctx.credentials
-        ok = False
-        if credentials is not None:
-            if credentials.needs_thread(event.username):
-                # scrypt takes tens of milliseconds: keep the event loop free meanwhile.
-                ok = await trio.to_thread.run_sync(
-                    credentials.verify, event.username, event.password, limiter=_SCRYPT_LIMITER
-                )
-            else:
-                ok = credentials.verify(event.username, event.password)
-        if not ok:
-            self.ctx.stats.auth_failures += 1
-            # The username is not a secret; the password never appears in a log line.
-            log.info(
-                "AUTH %s failed for user %r from %s", event.mechanism, event.username, self.peer_ip
-            )
-        self.conn.auth_result(ok)
 
 
 def _tls_details(stream: trio.abc.Stream) -> tuple[str | None, str | None]:

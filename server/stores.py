@@ -48,10 +48,23 @@ class StoreError(Exception):
 
 @runtime_checkable
 class Store(Protocol):
-    """Where the sink puts accepted messages."""
+    """Where the sink puts accepted messages.
+
+    A store says what it needs instead of being recognized by its type: ``keeps_messages``
+    (each message then gets trace headers) and ``immediate`` (it stores without waiting, so the
+    session's protocol object calls ``deliver_now`` on whichever driver's turn it is, the
+    readiness hub's included, and no task wakes for the message).
+    """
+
+    keeps_messages: bool
+    immediate: bool
 
     async def deliver(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
         """Store ``trace + content`` durably, or raise ``StoreError`` leaving nothing behind."""
+        ...
+
+    def deliver_now(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
+        """For an ``immediate`` store: ``deliver`` without waiting (never blocks, never fails)."""
         ...
 
     def describe(self) -> str:
@@ -87,7 +100,13 @@ class DiscardStore:
     and a checkpoint here would only add cost (the shell checkpoints when it sends the reply).
     """
 
+    keeps_messages = False
+    immediate = True
+
     async def deliver(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
+        return None
+
+    def deliver_now(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
         return None
 
     def describe(self) -> str:
@@ -104,7 +123,17 @@ def _maildir_host() -> str:
     return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
-class MaildirStore:
+class _WaitingStore:
+    """A store that keeps messages and waits for the disk: sessions ``await deliver``."""
+
+    keeps_messages = True
+    immediate = False
+
+    def deliver_now(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
+        raise TypeError(f"{type(self).__name__} waits for the disk: await deliver() instead")
+
+
+class MaildirStore(_WaitingStore):
     """Delivers each message as one file in a Maildir, readable by ``mailbox.Maildir``.
 
     The file holds ``trace + content`` byte for byte (CRLF line endings kept). It is written in
@@ -236,7 +265,7 @@ def _from_line_sender(mail_from: str) -> bytes:
     return mail_from.encode("utf-8", "replace")
 
 
-class MboxStore:
+class MboxStore(_WaitingStore):
     """Appends each message to one mbox file in mboxrd format, readable by ``mailbox.mbox``.
 
     Each message is ``From <sender> <asctime UTC>\\n``, then ``trace + content`` with every

@@ -133,5 +133,17 @@ def shutting_down(hostname: str) -> Reply:
 
 
 @cache
+def session_too_long(hostname: str) -> Reply:
+    """The session reached the server's maximum duration (after its transaction)."""
+    return Reply(421, "4.4.2", f"{hostname} Error: session lasted too long, reconnect")
+
+
+@cache
+def too_many_auth_failures(hostname: str) -> Reply:
+    """Too many failed AUTH attempts from this client address."""
+    return Reply(421, "4.7.0", f"{hostname} Error: too many authentication failures")
+
+
+@cache
 def too_many_connections(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many connections, try again later")

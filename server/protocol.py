@@ -1,0 +1,288 @@
+"""One sink session's decisions, in one synchronous place: the sink's protocol object.
+
+A session is driven from two places: its trio task (``session.Session``), and, while that task
+waits for input on a plain socket, the readiness hub's inline handler (``mailstorm._net``).
+Both only call ``SinkProtocol.advance`` and carry out the ``Action`` it returns; neither
+decides anything. Whatever a session decides (what to count, which message is stored at once,
+when a graceful stop closes it, what a stored message's trace headers say) is decided here,
+so that new per-session behaviour has exactly one place to go, as with hypercorn's protocol
+objects driven by a thin trio server.
+
+Rules of this module: no I/O, no awaiting, no clock, no trio. The SMTP protocol itself is the
+sans-IO core's (``mailstorm.wire.server``); this object turns the core's events into actions
+for a driver and counts them in ``SinkStats``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from enum import IntEnum, auto
+
+from mailstorm.wire import reply_table as R
+from mailstorm.wire.events import (
+    AuthAttempt,
+    Closed,
+    MessageReceived,
+    MessageRefused,
+    NeedData,
+    OutputFull,
+    StartTLS,
+)
+from mailstorm.wire.replies import Reply
+from mailstorm.wire.server import ServerConnection, SessionPolicy
+
+from .authlimit import AuthFailureLimiter
+from .stats import SinkStats
+from .stores import Store
+from .trace import trace_headers
+
+__all__ = ["Action", "Delivery", "SinkProtocol"]
+
+
+class Action(IntEnum):
+    """What the driver must do next. Before each, it sends ``data_to_send()`` when there is any
+    (for ``DELIVER`` and ``CHECK_AUTH`` it may wait, so that a pipelined group's replies leave
+    in one send with the reply that follows)."""
+
+    #: Everything buffered is answered: wait for more input and ``receive`` it.
+    RECEIVE = auto()
+    #: The replies queued so far reached their bound: send them, then ``advance`` without
+    #: reading (a client that never reads costs a few KiB, not everything it sent).
+    SEND = auto()
+    #: Store ``delivery`` (it waits), then call ``delivered`` or ``delivery_failed``.
+    DELIVER = auto()
+    #: Check the credentials of ``auth_attempt``, then call ``auth_checked``.
+    CHECK_AUTH = auto()
+    #: Send the 220, do the TLS handshake, then call ``tls_started``.
+    START_TLS = auto()
+    #: Send what is left, then close the connection.
+    CLOSE = auto()
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A message the driver must store: ``trace + content``, with its envelope."""
+
+    event: MessageReceived
+    trace: bytes
+    queue_id: str
+
+
+class _QueueIds:
+    """Short unique queue ids: a per-process prefix and a counter, as Postfix's are short."""
+
+    def __init__(self) -> None:
+        self._prefix = f"{int(time.time()) & 0xFFFFFF:06X}{os.getpid() & 0xFFFF:04X}"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):06X}"
+
+
+_queue_ids = _QueueIds()
+
+
+class SinkProtocol:
+    """The decisions of one sink session; see the module docstring.
+
+    Use: ``receive(data)`` for each read (``b""`` at end of stream), then ``advance()`` until it
+    returns ``RECEIVE`` or ``CLOSE``, carrying out each action; ``data_to_send()`` gives the
+    replies to send. ``stop(reply)`` asks for a graceful end: the session closes with ``reply``
+    at the next command boundary outside a transaction.
+    """
+
+    __slots__ = (
+        "_stop_reply",
+        "auth_attempt",
+        "auth_limiter",
+        "conn",
+        "delivery",
+        "hostname",
+        "peer_ip",
+        "stats",
+        "store",
+        "tls_cipher",
+        "tls_version",
+    )
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        store: Store,
+        stats: SinkStats,
+        *,
+        peer_ip: str,
+        tls: bool,
+        auth_limiter: AuthFailureLimiter | None = None,
+    ) -> None:
+        self.conn = ServerConnection(policy, tls_active=tls)
+        self.store = store
+        self.stats = stats
+        #: Failed AUTH attempts per client address, shared by the server's sessions.
+        self.auth_limiter = auth_limiter
+        self.hostname = policy.hostname
+        self.peer_ip = peer_ip
+        #: The negotiated TLS version and cipher once a handshake is done (for trace headers).
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        #: The message an ``Action.DELIVER`` asks the driver to store.
+        self.delivery: Delivery | None = None
+        #: The credentials an ``Action.CHECK_AUTH`` asks the driver to check.
+        self.auth_attempt: AuthAttempt | None = None
+        self._stop_reply: Reply | None = None
+
+    # ---- the step both drivers call ----------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray) -> None:
+        """Bytes read from the peer; ``b""`` when it closed its side."""
+        self.conn.receive_data(data)
+
+    def advance(self) -> Action:
+        """Process buffered input until the driver must act; return what it must do."""
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is NeedData:
+                if self._stop_reply is not None and not conn.in_transaction:
+                    conn.close(self._stop_reply)
+                    return Action.CLOSE
+                return Action.RECEIVE
+            kind = type(event)
+            if kind is MessageReceived:
+                assert isinstance(event, MessageReceived)
+                delivery = self._delivery(event)
+                if not self.store.immediate:
+                    self.delivery = delivery
+                    return Action.DELIVER
+                # A store that never waits (discard) takes the message here, on whichever
+                # driver's turn this is: no task wakes for it.
+                self.store.deliver_now(event.envelope, event.content, delivery.trace)
+                self._count_delivery(delivery)
+            elif kind is MessageRefused:
+                self.stats.messages_refused += 1
+            elif event is OutputFull:
+                return Action.SEND
+            elif kind is AuthAttempt:
+                assert isinstance(event, AuthAttempt)
+                self.auth_attempt = event
+                return Action.CHECK_AUTH
+            elif kind is StartTLS:
+                return Action.START_TLS
+            elif kind is Closed:
+                return Action.CLOSE
+            else:  # pragma: no cover - the core has no other events
+                raise AssertionError(f"unexpected event {event!r}")
+
+    def data_to_send(self) -> bytes:
+        """The replies queued for the peer, as one buffer."""
+        return self.conn.data_to_send()
+
+    # ---- answers from the driver ----------------------------------------------------------
+
+    def delivered(self) -> None:
+        """The store kept ``delivery``: count it and queue its 250."""
+        delivery = self.delivery
+        assert delivery is not None
+        self.delivery = None
+        self._count_delivery(delivery)
+
+    def delivery_failed(self) -> None:
+        """The store failed: nothing was kept, the client is told to try later (451)."""
+        self.delivery = None
+        self.stats.storage_failures += 1
+        self.stats.messages_refused += 1
+        self.conn.message_failed()
+
+    @property
+    def auth_blocked(self) -> bool:
+        """This client address failed AUTH too often: refuse without checking a password."""
+        limiter = self.auth_limiter
+        return limiter is not None and limiter.blocked(self.peer_ip)
+
+    def auth_checked(self, ok: bool) -> float:
+        """The verdict on ``auth_attempt``: queue the answer (235, 535, or 421 and the end of
+        the session once this client address failed too often) and return how long the
+        driver must wait before sending it (a delay growing with the address's failures)."""
+        self.auth_attempt = None
+        limiter = self.auth_limiter
+        self.conn.auth_result(ok)
+        if ok:
+            if limiter is not None:
+                limiter.record_success(self.peer_ip)
+            return 0.0
+        self.stats.auth_failures += 1
+        if limiter is None:
+            return 0.0
+        if not limiter.record_failure(self.peer_ip):
+            self.conn.close(R.too_many_auth_failures(self.hostname))
+        return limiter.delay_for(self.peer_ip)
+
+    def tls_started(self, version: str | None, cipher: str | None) -> None:
+        """A handshake succeeded (implicit TLS, or after STARTTLS): the core starts over, as
+        RFC 3207 4.2 says (for implicit TLS there is nothing yet to forget)."""
+        self.tls_version = version
+        self.tls_cipher = cipher
+        self.stats.tls_sessions += 1
+        self.conn.tls_started()
+
+    # ---- time and shutdown, decided by the driver's clock ---------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    @property
+    def receiving_content(self) -> bool:
+        return self.conn.receiving_content
+
+    @property
+    def at_command_boundary(self) -> bool:
+        """No partial command line is buffered: a new command's deadline may start."""
+        return not self.conn.buffered
+
+    def stop(self, reply: Reply) -> None:
+        """End the session with ``reply`` at the next command boundary outside a transaction
+        (graceful shutdown, or the session's time is up)."""
+        if self._stop_reply is None:
+            self._stop_reply = reply
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_reply is not None
+
+    def goodbye(self, reply: Reply) -> bytes:
+        """End now with ``reply`` (or the reply ``stop`` chose): what is left to send."""
+        self.conn.close(self._stop_reply or reply)
+        return self.conn.data_to_send()
+
+    def timed_out_reply(self) -> Reply:
+        return R.timed_out(self.hostname)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _delivery(self, event: MessageReceived) -> Delivery:
+        queue_id = _queue_ids.next()
+        trace = b""
+        if self.store.keeps_messages:
+            trace = trace_headers(
+                event.envelope,
+                hostname=self.hostname,
+                peer_name="unknown",
+                peer_ip=self.peer_ip,
+                queue_id=queue_id,
+                tls_version=self.tls_version,
+                tls_cipher=self.tls_cipher,
+            )
+        return Delivery(event, trace, queue_id)
+
+    def _count_delivery(self, delivery: Delivery) -> None:
+        """The message is stored (or discarded): count it and queue the 250."""
+        stats = self.stats
+        event = delivery.event
+        stats.messages += 1
+        stats.bytes += len(event.content)
+        stats.recipients += len(event.envelope.rcpt_tos)
+        self.conn.message_stored(delivery.queue_id)
