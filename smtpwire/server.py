@@ -517,7 +517,11 @@ class ServerConnection:
             return None
         chunks = self._bdat_chunks
         self._bdat_chunks = []
-        return self._finish_message(b"".join(chunks), None)
+        # The same line-ending policy as DATA, over the joined chunks (data.py's docstring).
+        policy = self.policy
+        return self._finish_message(
+            *BdatReader.finish(chunks, policy.bare_linefeed, policy.max_size)
+        )
 
     def _read_auth_line(self) -> Event | None:
         line = self._take_line()

@@ -300,8 +300,8 @@ def test_bdat_chunks_and_errors() -> None:
     assert d.feed("BDAT 6\r\nhello\n") == ["250 2.0.0 6 octets received"]
     assert d.one("DATA") == "503 5.5.1 Error: DATA not allowed during BDAT transfer"
     assert d.feed("BDAT 0 LAST\r\n") == ["250 2.0.0 OK: queued as Q1"]
-    # BDAT keeps bytes exactly: no unstuffing, no line-ending changes.
-    assert d.messages[0].content == b"hello\n"
+    # BDAT has no unstuffing; the default policy (normalize) makes the bare LF a CRLF.
+    assert d.messages[0].content == b"hello\r\n"
     # Out of sequence: the chunk is drained, then refused, and the stream stays in sync.
     assert d.feed("BDAT 5\r\n.\r\n\r\nNOOP\r\n") == ["503 5.5.1 Error: need MAIL command",
                                                      "250 2.0.0 OK"]
