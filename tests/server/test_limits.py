@@ -148,6 +148,20 @@ async def test_per_ip_flag_of_the_sink_process(open_client: OpenClient) -> None:
     assert process.returncode == 0
 
 
+async def test_junk_command_limit_reaches_the_core(
+    start_sink: StartSink, connect: OpenClient
+) -> None:
+    """``max_junk_commands`` is the core's limit: past it, a NOOP ends the session with 421."""
+    server = await start_sink(max_junk_commands=3)
+    client = await connect(server.addresses[0])
+    assert (await client.cmd("EHLO client.test")).code == 250
+    for _ in range(3):
+        assert (await client.cmd("NOOP")).code == 250
+    reply = await client.cmd("NOOP")
+    assert (reply.code, reply.enhanced) == (421, "4.7.0"), reply
+    await client.expect_closed()
+
+
 # ---- AddressSlots ------------------------------------------------------------------------
 
 
