@@ -1,5 +1,6 @@
 """The DATA reader and dot-stuffing: end-of-data across any chunk split, exact unstuffing,
-the size bound while streaming, and the bare-LF policies (no smuggling)."""
+the size bound while streaming, and the bare-LF policies (no smuggling). The bare CR/LF
+detector and the policy's rule are tested in depth in test_line_endings.py."""
 
 from __future__ import annotations
 
