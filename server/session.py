@@ -52,6 +52,8 @@ log = logging.getLogger("mailstorm.sink")
 
 #: scrypt costs 16 MiB and tens of milliseconds per check: bound how many run at once.
 _SCRYPT_LIMITER = trio.CapacityLimiter(4)
+#: SO_SNDBUF of a session's socket, in octets (Linux doubles it for its bookkeeping).
+SEND_BUFFER = 16384
 #: How long a last reply (421 on shutdown) may take to send before the socket is just closed.
 GOODBYE_TIMEOUT = 2.0
 _STREAM_ERRORS = (
@@ -119,6 +121,10 @@ class Session:
     """
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
+        # A sink only ever sends short replies: a small kernel send buffer is plenty, and it
+        # bounds what a client that never reads can make the kernel hold for it (with the
+        # core's bound on unsent replies, a few KiB per session instead of megabytes).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         plain = SocketTransport(sock, ctx.hub)
         self.peer_ip, self.peer_port = plain.peer()
         #: The session's byte stream: the socket, or an SSLStream over it after TLS starts.

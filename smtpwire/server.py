@@ -93,9 +93,8 @@ class SessionPolicy:
     #: Octets of unsent replies at which parsing pauses and ``next_event`` returns
     #: ``OutputFull`` until the driver takes them with ``data_to_send``: a client that
     #: pipelines without reading then costs about this much output, not a reply per command.
-    #: 0 means no bound. The default stays 0 until the sink's session driver handles
-    #: ``OutputFull`` (a driver that does not would spin on it).
-    max_unsent_output: int = 0
+    #: 0 means no bound (a driver that does not know ``OutputFull`` would spin on it).
+    max_unsent_output: int = 4096
     #: True when credentials exist, so AUTH PLAIN LOGIN can be offered.
     auth_enabled: bool = False
     auth_required: bool = False
