@@ -1,24 +1,32 @@
 """The load generator's own cost per message, with no sockets and no event loop.
 
-``python -m bench.client_micro`` drives ``ClientConnection`` the way ``LoadSession`` does with
+``python -m bench.client_micro`` runs messages the way ``LoadSession`` does with
 ``--pipeline-messages`` (each message's MAIL, RCPT and DATA behind the previous message's
 content: one write and one read per message), answers with canned replies, and prints
 microseconds per message twice: for the work a message needs (the message factory and the
-client state machine), and with the measurement the load generator adds on top (a latency
-record per timed reply, the whole-message record and the counters). The difference is what
-measuring costs; set it against the generator's run CPU per message in a bench report
-("driver run CPU") to state its share. Best of several rounds, so machine noise counts less.
+client state machine, ``ClientConnection`` driven directly), and for the whole per-read work of
+a session (``LoadProtocol``, which the session's task and the readiness hub's inline handler
+call: the same state machine plus a latency record per timed reply, the whole-message record,
+the counters and taking the next message). The difference is what measuring and deciding cost;
+set it against the generator's run CPU per message in a bench report ("driver run CPU") to
+state its share. Best of several rounds, so machine noise counts less.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING, cast
 
+from mailstorm.load.config import LoadConfig, Target
+from mailstorm.load.protocol import SEND, LoadProtocol
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
 from mailstorm.wire.client import ClientConfig, ClientConnection
-from mailstorm.wire.client_events import MessageDone, NeedData, PhaseDone, SessionReady
+from mailstorm.wire.client_events import MessageDone, NeedData, SessionReady
+
+if TYPE_CHECKING:
+    from mailstorm.load.schedule import MessageTickets
 
 EHLO = b"250-bench.sink\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n"
 #: The end of one message and the group of the next, as one read.
@@ -38,11 +46,12 @@ def _ready_connection() -> ClientConnection:
 
 
 def per_message_us(messages: int, *, measure: bool) -> float:
-    """Microseconds per message for one round of ``messages`` pipelined messages."""
+    """Microseconds per message for one round of ``messages`` pipelined messages: the
+    client connection alone, or (``measure``) the session's whole protocol."""
+    if measure:
+        return _protocol_us(messages)
     conn = _ready_connection()
     factory = MessageFactory()
-    stats = RunStats()
-    record = stats.phases.record
     msg = factory.message(0)
     conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
     conn.data_to_send(0.0)
@@ -58,15 +67,51 @@ def per_message_us(messages: int, *, measure: bool) -> float:
         conn.data_to_send(now)
         conn.receive_data(REPLIES, now + 0.0005)
         while (event := conn.next_event()) is not NeedData:
-            if type(event) is PhaseDone:
-                if measure:
-                    record(event.phase, event.elapsed)
-            elif type(event) is MessageDone:
+            if type(event) is MessageDone:
                 delivered += event.delivered
-                if measure:
-                    stats.message_delivered(now, 0.001, msg.size)
     elapsed = time.perf_counter() - started
     assert delivered == messages
+    return elapsed / messages * 1e6
+
+
+class _DueTickets:
+    """Stands in for ``MessageTickets``: every message is due at once, up to ``last``."""
+
+    def __init__(self, last: int) -> None:
+        self.n = 0
+        self.last = last
+
+    def take_now(self) -> tuple[int, float] | None:
+        if self.n >= self.last:
+            return None
+        self.n += 1
+        return self.n, self.n * 0.001
+
+
+def _protocol_us(messages: int) -> float:
+    config = LoadConfig(target=Target("127.0.0.1", 25), pipeline_messages=True)
+    stats = RunStats()
+    protocol = LoadProtocol(config, config.client_config(), stats, MessageFactory())
+    protocol.connection_made(0.0, tls_active=False)
+    for reply in (b"220 bench.sink ESMTP\r\n", EHLO):
+        protocol.data_received(reply, 0.0)
+        while protocol.next_action() is SEND:
+            protocol.data_to_send(0.0)
+    protocol.add_message(0, 0.0)
+    protocol.begin_chain(cast("MessageTickets", _DueTickets(messages)))
+    assert protocol.next_action() is SEND
+    protocol.data_to_send(0.0)
+    data = REPLIES.partition(b"\r\n")[2]  # the first group: no message ends
+    started = time.perf_counter()
+    for n in range(messages + 1):
+        now = n * 0.001
+        protocol.data_received(data, now)
+        while (action := protocol.next_action()) is SEND:
+            protocol.data_to_send(now)  # the content, and the next message behind it
+        assert action is NeedData, action
+        data = REPLIES
+    elapsed = time.perf_counter() - started
+    assert stats.delivered == messages, stats.delivered
     return elapsed / messages * 1e6
 
 
@@ -78,8 +123,8 @@ def main() -> None:
     work = min(per_message_us(args.messages, measure=False) for _ in range(args.rounds))
     full = min(per_message_us(args.messages, measure=True) for _ in range(args.rounds))
     print(f"load generator, per pipelined message: {work:.1f} us of work (message factory and "
-          f"client state machine), {full:.1f} us with measurement: measuring costs "
-          f"{full - work:.1f} us per message")
+          f"client state machine), {full:.1f} us through LoadProtocol (with measurement): "
+          f"measuring and deciding cost {full - work:.1f} us per message")
 
 
 if __name__ == "__main__":

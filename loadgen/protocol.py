@@ -1,0 +1,334 @@
+"""The per-session decisions of a load session, in one synchronous object: ``LoadProtocol``.
+
+This module owns what a load session decides and counts about its connection and the messages
+on it: recording each timed reply (errors among them counted once), ending messages and
+counting them delivered or failed, starting the next message behind the current one with
+``--pipeline-messages``, what to write next, when the connection has to QUIT (``--per-connection``)
+and how a failure is named and counted. Its drivers (the session's trio task in
+``mailstorm.load.session``, and the readiness hub's inline handler running for that task) call
+it and carry out the ``Action`` it returns: send, receive, do a TLS handshake, close. New
+per-session behaviour belongs here, so that both drivers get it at once.
+
+It never does I/O, never awaits and never reads a clock: every time comes from its caller
+(taking a due ticket reads the schedule's clock, inside ``MessageTickets``). The sans-IO
+``ClientConnection`` below it speaks SMTP; this object never parses SMTP either.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING
+
+from mailstorm.load.config import LoadConfig
+from mailstorm.load.stats import RunStats
+from mailstorm.load.workload import MessageFactory, OutgoingMessage
+from mailstorm.wire.client import ClientConfig, ClientConnection
+from mailstorm.wire.client_events import (
+    MessageDone,
+    NeedData,
+    NeedDataType,
+    PhaseDone,
+    ReadyForTLS,
+    SessionClosed,
+    SessionFailed,
+    SessionReady,
+)
+
+if TYPE_CHECKING:
+    from mailstorm.load.schedule import MessageTickets
+
+__all__ = [
+    "CLOSE",
+    "HANDSHAKE",
+    "IDLE",
+    "QUIT",
+    "READY",
+    "SEND",
+    "Action",
+    "LoadFailure",
+    "LoadProtocol",
+    "NeedData",
+]
+
+
+class Action:
+    """What a driver does next; the module's constants (and ``NeedData``) are the only ones."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: Write ``LoadProtocol.data_to_send(now)``; then ask again.
+SEND = Action("SEND")
+#: (``NeedData``, the wire's sentinel) Read, and pass what came to ``data_received``.
+#: The connection is set up (greeting, STARTTLS, AUTH): messages may start.
+READY = Action("READY")
+#: Do the TLS handshake (STARTTLS was accepted), then call ``tls_started``.
+HANDSHAKE = Action("HANDSHAKE")
+#: Every message in flight has ended; keep the connection for the next one.
+IDLE = Action("IDLE")
+#: Every message in flight has ended and the connection has carried its ``--per-connection``
+#: messages: QUIT (``quit``) and close.
+QUIT = Action("QUIT")
+#: QUIT was answered: wait briefly for the server to close first, then close.
+CLOSE = Action("CLOSE")
+
+
+class LoadFailure(Exception):
+    """The connection failed: every message in flight on it fails (``fail_inflight``).
+
+    Also an action: ``next_action`` returns one when the client connection failed. ``kind`` is
+    the error kind to count for each message (None when the cause was counted already, as a
+    refused reply).
+    """
+
+    def __init__(self, kind: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+class LoadProtocol:
+    """One load session's decisions and counting; the same object across its connections."""
+
+    __slots__ = (
+        "_client_config",
+        "_per_connection",
+        "_waiting",
+        "config",
+        "conn",
+        "factory",
+        "inflight",
+        "now",
+        "on_connection",
+        "stats",
+        "tickets",
+    )
+
+    def __init__(
+        self,
+        config: LoadConfig,
+        client_config: ClientConfig,
+        stats: RunStats,
+        factory: MessageFactory,
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self.factory = factory
+        self._client_config = client_config
+        self._per_connection = config.per_connection
+        #: The client connection of the current SMTP connection (None: not connected).
+        self.conn: ClientConnection | None = None
+        #: (due time, size) of each message started and not ended, oldest first: one, or
+        #: two while a message rides behind the content of the one before it.
+        self.inflight: deque[tuple[float, int]] = deque()
+        #: Where the next message comes from while messages may be pipelined, else None.
+        self.tickets: MessageTickets | None = None
+        #: Messages ended on the current connection.
+        self.on_connection = 0
+        #: The clock at the latest read: when the replies being handled arrived.
+        self.now = 0.0
+        #: The message taken by ``add_message`` and not yet handed to the connection.
+        self._waiting: OutgoingMessage | None = None
+
+    # -- messages --------------------------------------------------------------------------
+
+    def add_message(self, n: int, due: float) -> None:
+        """Message ``n`` (due at ``due``) is this session's: it is attempted, and in flight
+        until it ends. ``begin_chain`` starts it once the connection is ready."""
+        msg = self.factory.message(n)
+        self.stats.attempted += 1
+        self.inflight.append((due, msg.size))
+        self._waiting = msg
+
+    def begin_chain(self, tickets: MessageTickets | None) -> None:
+        """Start the message ``add_message`` took; with ``--pipeline-messages``, messages due
+        from ``tickets`` then start behind it until the chain ends."""
+        msg = self._waiting
+        conn = self.conn
+        assert msg is not None and conn is not None
+        self._waiting = None
+        self.tickets = tickets if self.config.pipeline_messages else None
+        conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
+
+    def end_chain(self) -> None:
+        """The chain is over (however it ended): no message starts behind it any more."""
+        self.tickets = None
+
+    def _start_next(self, conn: ClientConnection, tickets: MessageTickets) -> None:
+        """Start the next message behind the current one, if it is due and allowed."""
+        per_connection = self._per_connection
+        if per_connection and self.on_connection + len(self.inflight) >= per_connection:
+            return
+        ticket = tickets.take_now()
+        if ticket is None:
+            return
+        n, due = ticket
+        msg = self.factory.message(n)
+        self.stats.attempted += 1
+        self.inflight.append((due, msg.size))
+        conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
+
+    def fail_inflight(self, failure: LoadFailure, now: float) -> None:
+        """The connection failed: every message in flight fails, its error counted once
+        each."""
+        stats = self.stats
+        inflight = self.inflight
+        while inflight:
+            inflight.popleft()
+            if failure.kind is not None:
+                stats.error(failure.kind, failure.detail)
+            stats.message_failed(now)
+        self._waiting = None
+
+    # -- the conversation ------------------------------------------------------------------
+    # Called only while connected (between ``connection_made`` and ``connection_lost``), and
+    # several times per message: they take ``conn`` as set, without a check (or an assert) on
+    # every call.
+
+    def data_received(self, data: bytes | bytearray, now: float) -> None:
+        """Bytes read at ``now`` (``b""``: the server closed the connection)."""
+        self.now = now
+        self.conn.receive_data(data, now)  # type: ignore[union-attr]  # connected: see above
+
+    def data_to_send(self, now: float) -> bytes:
+        """The next write, stamped ``now``: with the next message behind it, if one is due."""
+        conn: ClientConnection = self.conn  # type: ignore[assignment]  # connected: see above
+        tickets = self.tickets
+        if tickets is not None and conn.can_start_next:
+            self._start_next(conn, tickets)
+        return conn.data_to_send(now)
+
+    def next_action(self) -> Action | NeedDataType | LoadFailure:
+        """Handle the connection's events that need no waiting; say what the driver does next.
+
+        Timed replies are recorded (errors among them counted, once) and ended messages
+        counted here. ``SEND`` and ``NeedData`` keep a conversation going; any other action
+        ends what the driver was waiting for.
+        """
+        conn: ClientConnection = self.conn  # type: ignore[assignment]  # connected: see above
+        stats = self.stats
+        while True:
+            event = conn.next_event()
+            if event is NeedData:
+                return SEND if conn.wants_to_send else NeedData
+            if type(event) is PhaseDone:
+                if event.ok:
+                    stats.phases.record(event.phase, event.elapsed)
+                else:
+                    reply = event.reply
+                    stats.reply_error(event.phase, reply.code, reply.text)
+            elif type(event) is MessageDone and self.inflight:
+                # The oldest message in flight is over: count it at the time its last reply
+                # came. (Inline: this runs once per message.)
+                inflight = self.inflight
+                now = self.now
+                message_due, size = inflight.popleft()
+                if event.delivered:
+                    stats.message_delivered(now, now - message_due, size)
+                else:
+                    stats.message_failed(now)
+                self.on_connection += 1
+                if not inflight:
+                    per_connection = self._per_connection
+                    if per_connection and self.on_connection >= per_connection:
+                        return QUIT
+                    return IDLE
+            elif type(event) is SessionReady:
+                if self.config.pipeline_messages and not conn.pipelining:
+                    stats.unpipelined_connections += 1  # the report warns: the flag did nothing
+                return READY
+            elif type(event) is ReadyForTLS:
+                return HANDSHAKE
+            elif type(event) is SessionClosed:
+                return CLOSE
+            elif isinstance(event, SessionFailed):
+                return LoadFailure(event.kind, f"{event.phase}: {event.detail}")
+            else:
+                return LoadFailure("protocol", f"unexpected {event!r}")
+
+    # -- the connection --------------------------------------------------------------------
+
+    def connected(self, elapsed: float) -> None:
+        """A TCP connection is up, ``elapsed`` after connecting started."""
+        self.stats.phases.record("connect", elapsed)
+        self.stats.connections += 1
+
+    def connect_failed(self, exc: OSError) -> LoadFailure:
+        kind = "refused" if exc.errno == errno.ECONNREFUSED else "connect"
+        return LoadFailure(kind, f"connect: {exc.strerror or exc}")
+
+    def tls_done(self, elapsed: float) -> None:
+        """A TLS handshake (implicit TLS, or after STARTTLS) took ``elapsed``."""
+        self.stats.phases.record("tls", elapsed)
+
+    def tls_failed(self, cause: BaseException) -> LoadFailure:
+        return LoadFailure("tls", f"TLS handshake: {cause}")
+
+    def connection_made(self, now: float, *, tls_active: bool) -> None:
+        """The transport is ready for SMTP (after the handshake, for implicit TLS): a new
+        client connection waits for the banner."""
+        conn = self.conn = ClientConnection(self._client_config, tls_active=tls_active)
+        self.on_connection = 0
+        conn.connection_made(now)
+
+    def tls_started(self) -> None:
+        """The handshake after STARTTLS succeeded: greet again over TLS."""
+        assert self.conn is not None
+        self.conn.tls_started()
+
+    def quit(self) -> None:
+        """Queue QUIT; ``next_action`` then leads to ``CLOSE``."""
+        assert self.conn is not None
+        self.conn.quit()
+
+    @property
+    def quit_answered(self) -> bool:
+        """The connection has ended its conversation (QUIT answered, or failed)."""
+        return self.conn is not None and self.conn.is_closed
+
+    def connection_lost(self) -> None:
+        """The driver closed the connection."""
+        self.conn = None
+
+    # -- failures --------------------------------------------------------------------------
+
+    def failure_of(self, action: Action | NeedDataType | LoadFailure) -> LoadFailure:
+        """The failure an action means where the driver did not expect it."""
+        if isinstance(action, LoadFailure):
+            return action
+        return LoadFailure("protocol", f"unexpected {action!r}")
+
+    def count_failure(self, failure: LoadFailure) -> None:
+        """Count a failure no message was in flight for (a failed QUIT)."""
+        if failure.kind is not None:
+            self.stats.error(failure.kind, failure.detail)
+
+    def broken(self, cause: BaseException | None) -> LoadFailure:
+        """The stream broke with ``cause``: a TLS error, or a reset."""
+        phase = self.pending_phase
+        if isinstance(cause, ssl.SSLError):
+            return LoadFailure("tls", f"{phase}: TLS error: {cause}")
+        reason = getattr(cause, "strerror", None) or "connection broken"
+        return LoadFailure("reset", f"{phase}: {reason}")
+
+    def timed_out(self) -> LoadFailure:
+        """No reply came within ``--timeout``."""
+        return LoadFailure(
+            "timeout", f"{self.pending_phase}: no reply within {self.config.timeout:g}s"
+        )
+
+    @property
+    def pending_phase(self) -> str:
+        """The phase the session waits in, to name a failure."""
+        conn = self.conn
+        if conn is None:
+            return "connect"
+        return conn.pending_phase or "session"
