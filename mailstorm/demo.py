@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
+from typing import IO
 
 from mailstorm.ports import free_port
 
@@ -27,19 +27,29 @@ __all__ = ["main"]
 STARTUP_TIMEOUT = 15.0
 
 
-def _wait_listening(port: int, sink: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if sink.poll() is not None:
-            raise RuntimeError(f"the sink exited with status {sink.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.recv(512)  # the banner
-                sock.sendall(b"QUIT\r\n")
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("the sink did not start listening in time")
+def _wait_listening(sink: subprocess.Popen[str]) -> None:
+    """Read the sink's log up to its "listening" line, echoing it; then echo the rest from a
+    thread. Watching the log rather than connecting keeps the sink's session count equal to
+    the load generator's (a probe connection would be one more)."""
+    assert sink.stderr is not None
+    stderr = sink.stderr
+    timer = threading.Timer(STARTUP_TIMEOUT, sink.kill)  # a sink that hangs at start-up
+    timer.start()
+    try:
+        for line in stderr:
+            sys.stderr.write(line)
+            if " listening on " in line:
+                break
+        else:
+            raise RuntimeError(f"the sink exited with status {sink.wait()} before listening")
+    finally:
+        timer.cancel()
+    threading.Thread(target=_echo, args=(stderr,), daemon=True).start()
+
+
+def _echo(stream: IO[str]) -> None:
+    for line in stream:
+        sys.stderr.write(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             "demo.sink",
         ]
         print(f"$ mailstorm sink --listen 127.0.0.1:{port} --store maildir:{maildir}", flush=True)
-        sink = subprocess.Popen(sink_cmd)
+        sink = subprocess.Popen(sink_cmd, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_listening(port, sink)
+            _wait_listening(sink)
             load_cmd = [
                 sys.executable,
                 "-m",
