@@ -23,7 +23,7 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
-from mailstorm.load.config import ConfigError, LoadConfig, parse_target
+from mailstorm.load.config import OPTION_NAMES, ConfigError, LoadConfig, parse_target
 from mailstorm.load.failif import FailIfError, FailIfExpression
 from mailstorm.load.limits import ephemeral_port_warning, raise_open_files_limit
 from mailstorm.load.stats import RunStats
@@ -228,6 +228,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ehlo",
+        dest="ehlo_name",
         default="mailstorm.test",
         metavar="NAME",
         help="EHLO/LHLO name (default: %(default)s)",
@@ -292,8 +293,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         auth_user, sep, auth_password = args.auth.partition(":")
         if not sep or not auth_user:
             raise ConfigError(f"bad --auth {args.auth!r}: expected USER:PASS")
-    if not args.ehlo or any(c.isspace() for c in args.ehlo):
-        raise ConfigError(f"bad --ehlo {args.ehlo!r}: one word, such as a host name")
+    if not args.ehlo_name or any(c.isspace() for c in args.ehlo_name):
+        raise ConfigError(f"bad --ehlo {args.ehlo_name!r}: one word, such as a host name")
     if args.chunk_size and not args.chunking:
         raise ConfigError("--chunk-size needs --chunking")
     if args.pipeline_messages and (
@@ -316,42 +317,19 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     duration = args.duration
     if duration is None and args.messages is None:
         duration = 10.0
-    return LoadConfig(
-        target=target,
-        sessions=args.sessions,
-        messages=args.messages,
-        duration=duration,
-        per_connection=args.per_connection,
-        rcpts=args.rcpts,
+    # Options whose destination is a field name (of LoadConfig or ClientConfig) go in as
+    # parsed; the rest are derived from the options here.
+    options = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
+    options.update(
         size_mix=size_mix,
         size_text=args.size,
-        eml=args.eml,
-        mail_from=args.mail_from,
-        rcpt_to=args.rcpt_to,
-        pipelining=args.pipelining,
-        pipeline_messages=args.pipeline_messages,
-        chunking=args.chunking,
-        chunk_size=args.chunk_size,
-        starttls=args.starttls,
         auth_user=auth_user,
         auth_password=auth_password,
-        auth_mech=args.auth_mech,
-        ehlo=args.ehlo,
-        lmtp=args.lmtp,
-        rate=args.rate,
-        ramp_up=args.ramp_up,
-        procs=args.procs,
-        timeout=args.timeout,
-        json_path=args.json_path,
-        html_path=args.html_path,
-        fail_if=args.fail_if,
+        duration=duration,
         source_addresses=list(args.source_address),
-        tls_verify=args.tls_verify,
-        ca_file=args.ca_file,
-        tls_server_name=args.tls_server_name,
-        quiet=args.quiet,
         progress_interval=min(args.progress_interval or 1.0, 1.0),
     )
+    return LoadConfig.from_options(target, **options)
 
 
 def _check_ip(address: str) -> None:

@@ -2,19 +2,21 @@
 
 This module owns parsing a TARGET (``host:port``, ``smtp://``, ``smtps://``, ``lmtp://``,
 ``[::1]:port``) and the ``LoadConfig`` value that the CLI builds and every other module reads
-(it is pickled to worker processes, so it holds only plain data). It never opens sockets and
-never reads files other than through the workload it describes.
+(it is pickled to worker processes, so it holds only plain data). The options of the SMTP
+conversation itself are not repeated here: ``LoadConfig.client`` is the run's ``ClientConfig``,
+and ``LoadConfig.from_options`` sorts flat options into the two by their dataclass fields. It
+never opens sockets and never reads files other than through the workload it describes.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mailstorm.wire.client import ClientConfig
 
-__all__ = ["ConfigError", "LoadConfig", "Target", "parse_target"]
+__all__ = ["OPTION_NAMES", "ConfigError", "LoadConfig", "Target", "parse_target"]
 
 
 class ConfigError(ValueError):
@@ -97,17 +99,11 @@ class LoadConfig:
     eml: str | None = None
     mail_from: str = "loadgen@mailstorm.test"
     rcpt_to: str = "user{r}@mailstorm.test"
-    pipelining: str = "auto"
+    #: The SMTP conversation of every connection: EHLO name, LMTP, STARTTLS, AUTH,
+    #: pipelining, BDAT (LMTP also when the target is lmtp://).
+    client: ClientConfig = field(default_factory=ClientConfig)
     #: With pipelining, send each message's commands with the previous message's content.
     pipeline_messages: bool = False
-    chunking: bool = False
-    chunk_size: int = 0
-    starttls: bool = False
-    auth_user: str | None = None
-    auth_password: str = ""
-    auth_mech: str = "PLAIN"
-    ehlo: str = "mailstorm.test"
-    lmtp: bool = False
     rate: float | None = None
     ramp_up: float = 0.0
     procs: int = 1
@@ -122,18 +118,25 @@ class LoadConfig:
     quiet: bool = False
     progress_interval: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.target.lmtp and not self.client.lmtp:
+            # lmtp:// means LMTP whatever the options say (as --lmtp does).
+            self.client = replace(self.client, lmtp=True)
+
+    @classmethod
+    def from_options(cls, target: Target, **options: Any) -> LoadConfig:
+        """A LoadConfig from flat options, each named after a field of ``LoadConfig`` or of
+        ``ClientConfig``: the latter make up ``client``. Unknown names raise TypeError."""
+        client = {name: options.pop(name) for name in _CLIENT_FIELDS & options.keys()}
+        return cls(target=target, client=ClientConfig(**client), **options)
+
     def client_config(self) -> ClientConfig:
-        return ClientConfig(
-            ehlo_name=self.ehlo,
-            lmtp=self.lmtp or self.target.lmtp,
-            starttls=self.starttls,
-            auth_user=self.auth_user,
-            auth_password=self.auth_password,
-            auth_mech=self.auth_mech,
-            pipelining=self.pipelining,
-            chunking=self.chunking,
-            chunk_size=self.chunk_size,
-        )
+        """The conversation every connection of the run has (``client``)."""
+        return self.client
+
+    @property
+    def starttls(self) -> bool:
+        return self.client.starttls
 
     @property
     def open_loop(self) -> bool:
@@ -145,9 +148,21 @@ class LoadConfig:
 
     def to_report(self) -> dict[str, Any]:
         """The configuration as the JSON report shows it (the password is not shown)."""
-        data = asdict(self)
+        data: dict[str, Any] = {}
+        for name, value in asdict(self).items():
+            if name != "client":
+                data[name] = value
+                continue
+            # The report keeps one flat level of options, with the CLI's names.
+            for client_name, client_value in value.items():
+                data["ehlo" if client_name == "ehlo_name" else client_name] = client_value
         data["target"] = str(self.target)
-        data["auth_password"] = "***" if self.auth_password else ""
+        data["auth_password"] = "***" if self.client.auth_password else ""
         data["size_mix"] = [{"bytes": s, "weight": w} for s, w in self.size_mix]
         data["mode"] = "open-loop" if self.open_loop else "closed-loop"
         return data
+
+
+_CLIENT_FIELDS = frozenset(f.name for f in fields(ClientConfig))
+#: Every option name ``LoadConfig.from_options`` takes (``target`` aside).
+OPTION_NAMES = _CLIENT_FIELDS | {f.name for f in fields(LoadConfig)} - {"client", "target"}

@@ -52,7 +52,7 @@ def make_config(port: int, **options: Any) -> LoadConfig:
     target = options.pop("target", None) or Target("127.0.0.1", port)
     options.setdefault("timeout", 10.0)
     options.setdefault("quiet", True)
-    return LoadConfig(target=target, **options)
+    return LoadConfig.from_options(target, **options)
 
 
 # ----------------------------------------------------------------------------------------

@@ -284,3 +284,32 @@ def test_a_run_that_delivers_nothing_exits_3() -> None:
         )
     assert result.returncode == 3, result.stderr
     assert "no message was delivered" in result.stderr
+
+
+def test_options_reach_the_config_through_its_fields() -> None:
+    """Every option's destination is a LoadConfig or ClientConfig field, or derived by name in
+    config_from_args: a new option cannot be dropped on the way (no field-by-field copy)."""
+    from mailstorm.load.cli import build_parser, config_from_args
+    from mailstorm.load.config import OPTION_NAMES
+    from mailstorm.wire.client import ClientConfig
+
+    parser = build_parser("mailstorm load")
+    dests = {action.dest for action in parser._actions} - {"help"}
+    derived = {"target", "size", "auth", "insecure", "source_address"}
+    assert dests - derived <= OPTION_NAMES
+    config = config_from_args(
+        parser.parse_args(
+            ["lmtp://127.0.0.1:24", "--ehlo", "client.test", "--auth", "alice:s:ecret",
+             "--auth-mech", "login", "--pipelining", "on", "--chunking", "--chunk-size", "1k",
+             "--sessions", "7", "--rcpts", "2", "--source-address", "127.0.0.2"]
+        )
+    )
+    assert config.client == ClientConfig(
+        ehlo_name="client.test", lmtp=True, auth_user="alice", auth_password="s:ecret",
+        auth_mech="LOGIN", pipelining="on", chunking=True, chunk_size=1024,
+    )
+    assert (config.sessions, config.rcpts, config.source_addresses) == (7, 2, ["127.0.0.2"])
+    assert config.duration == 10.0 and config.progress_interval == 1.0
+    report = config.to_report()
+    assert report["ehlo"] == "client.test" and report["auth_password"] == "***"
+    assert "client" not in report and report["lmtp"] is True

@@ -48,7 +48,7 @@ class DueTickets:
 
 
 def make(**options: Any) -> tuple[LoadProtocol, RunStats]:
-    config = LoadConfig(target=Target("127.0.0.1", 25), **options)
+    config = LoadConfig.from_options(Target("127.0.0.1", 25), **options)
     stats = RunStats()
     return LoadProtocol(config, config.client_config(), stats, MessageFactory()), stats
 
