@@ -265,6 +265,7 @@ class SinkProtocol:
 
     def _delivery(self, event: MessageReceived) -> Delivery:
         queue_id = _queue_ids.next()
+        event.envelope.client_address = self.peer_ip
         trace = b""
         if self.store.keeps_messages:
             trace = trace_headers(

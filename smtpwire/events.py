@@ -39,6 +39,9 @@ class Envelope:
     greeting: str = "ESMTP"
     tls: bool = False
     auth_user: str | None = None
+    #: The client's IP address, as the shell saw it (the core never sees sockets: the sink's
+    #: protocol object fills it in before a message is stored).
+    client_address: str = ""
 
     @property
     def protocol(self) -> str:
