@@ -9,13 +9,16 @@ a session (``LoadProtocol``, which the session's task and the readiness hub's in
 call: the same state machine plus a latency record per timed reply, the whole-message record,
 the counters and taking the next message). The difference is what measuring and deciding cost;
 set it against the generator's run CPU per message in a bench report ("driver run CPU") to
-state its share. Best of several rounds, so machine noise counts less.
+state its share. Best of several rounds, so machine noise counts less; ``--bytecodes`` counts
+bytecodes and calls per message instead, which do not vary from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from types import FrameType
 from typing import TYPE_CHECKING, cast
 
 from mailstorm.load.config import LoadConfig, Target
@@ -26,6 +29,8 @@ from mailstorm.wire.client import ClientConfig, ClientConnection
 from mailstorm.wire.client_events import MessageDone, NeedData, SessionReady
 
 if TYPE_CHECKING:
+    from _typeshed import TraceFunction
+
     from mailstorm.load.schedule import MessageTickets
 
 EHLO = b"250-bench.sink\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n"
@@ -115,11 +120,47 @@ def _protocol_us(messages: int) -> float:
     return elapsed / messages * 1e6
 
 
+def bytecodes_per_message(*, measure: bool, messages: int = 1000) -> tuple[float, float]:
+    """(bytecodes, Python-level calls) per message, counted with a tracer: slow, but the same
+    on every run, so an A/B of a hot-path change can be read on a noisy shared machine
+    where microseconds cannot. C functions (deque, dict, HdrHistogram) are not counted."""
+    counts = [0, 0]
+
+    def tracer(frame: FrameType, event: str, arg: object) -> TraceFunction:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[0] += 1
+        elif event == "call":
+            counts[1] += 1
+        return tracer
+
+    def traced(n: int) -> tuple[int, int]:
+        counts[:] = [0, 0]
+        sys.settrace(tracer)
+        try:
+            per_message_us(n, measure=measure)
+        finally:
+            sys.settrace(None)
+        return counts[0], counts[1]
+
+    # The difference of two runs leaves out the set-up both have.
+    small = traced(100)
+    large = traced(100 + messages)
+    return (large[0] - small[0]) / messages, (large[1] - small[1]) / messages
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.client_micro", description=__doc__)
     p.add_argument("--messages", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bytecodes", action="store_true",
+                   help="count bytecodes and Python calls per message instead of timing")
     args = p.parse_args()
+    if args.bytecodes:
+        for measure, what in ((False, "work"), (True, "through LoadProtocol")):
+            ops, calls = bytecodes_per_message(measure=measure)
+            print(f"per pipelined message, {what}: {ops:.0f} bytecodes, {calls:.0f} calls")
+        return
     work = min(per_message_us(args.messages, measure=False) for _ in range(args.rounds))
     full = min(per_message_us(args.messages, measure=True) for _ in range(args.rounds))
     print(f"load generator, per pipelined message: {work:.1f} us of work (message factory and "

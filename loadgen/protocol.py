@@ -290,6 +290,12 @@ class LoadProtocol:
         self.conn.quit()
 
     @property
+    def needs_connection(self) -> bool:
+        """No connection: the next message opens one (at the start, after QUIT, after a
+        failure)."""
+        return self.conn is None
+
+    @property
     def quit_answered(self) -> bool:
         """The connection has ended its conversation (QUIT answered, or failed)."""
         return self.conn is not None and self.conn.is_closed

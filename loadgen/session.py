@@ -155,7 +155,7 @@ class LoadSession:
         with trio.CancelScope(deadline=self.now + self.ctx.config.timeout) as scope:
             self.scope = scope
             try:
-                if protocol.conn is None:
+                if protocol.needs_connection:
                     await self._open()
                 protocol.begin_chain(tickets)
                 action = await self._pump()
@@ -181,7 +181,7 @@ class LoadSession:
     async def quit(self) -> None:
         """QUIT and close; waits for the server's 221 and then for it to close first."""
         protocol, stream = self.protocol, self.stream
-        if protocol.conn is None or stream is None:
+        if protocol.needs_connection or stream is None:
             return
         failure: LoadFailure | None = None
         self.now = trio.current_time()
