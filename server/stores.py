@@ -21,15 +21,18 @@ import os
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
 
 from mailstorm.wire.events import Envelope
 
+from .records import DEFAULT_MAX_MESSAGES, MemoryStore
+
 __all__ = [
     "DiscardStore",
+    "MaildirDelivered",
     "MaildirStore",
     "MboxStore",
     "Store",
@@ -113,6 +116,9 @@ class DiscardStore:
         return "discard"
 
 
+#: Told of each message a Maildir store kept: its envelope, its trace headers, its file's path.
+MaildirDelivered = Callable[[Envelope, bytes, str], None]
+
 # Maildir unique names (https://cr.yp.to/proto/maildir.html): time, microseconds, pid and a
 # per-process counter make a name unique across the processes sharing the directory.
 _counter = itertools.count()
@@ -139,6 +145,9 @@ class MaildirStore(_WaitingStore):
     The file holds ``trace + content`` byte for byte (CRLF line endings kept). It is written in
     ``tmp/``, fsynced, renamed into ``new/``, and ``new/`` is fsynced so the rename survives a
     crash; only then does ``deliver`` return. The directories are created when missing.
+
+    ``on_delivered``, when set, is called on the trio thread after each delivery (the embedding
+    API keeps records of what arrived this way); it must not raise.
     """
 
     def __init__(
@@ -149,6 +158,7 @@ class MaildirStore(_WaitingStore):
         self._new = os.path.join(self.path, "new")
         self._host = _maildir_host()
         self._limiter = trio.CapacityLimiter(threads)
+        self.on_delivered: MaildirDelivered | None = None
         self._prepare()
 
     def _prepare(self) -> None:
@@ -184,9 +194,14 @@ class MaildirStore(_WaitingStore):
     async def deliver(self, envelope: Envelope, content: bytes, trace: bytes) -> None:
         # The default abandon_on_cancel=False is deliberate: a cancelled session must not leave
         # a thread writing a file nobody will clean up; the delivery finishes (or fails) first.
-        await trio.to_thread.run_sync(self._deliver_sync, trace, content, limiter=self._limiter)
+        path = await trio.to_thread.run_sync(
+            self._deliver_sync, trace, content, limiter=self._limiter
+        )
+        if self.on_delivered is not None:
+            self.on_delivered(envelope, trace, path)
 
-    def _deliver_sync(self, trace: bytes, content: bytes) -> None:
+    def _deliver_sync(self, trace: bytes, content: bytes) -> str:
+        """Write one message; return the path of its file in ``new/``."""
         size = len(trace) + len(content)
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         # O_EXCL turns the (theoretical) name collision into an error we can retry, instead of
@@ -225,6 +240,7 @@ class MaildirStore(_WaitingStore):
             # report failure and the client will retry, so keeping it would make a duplicate.
             _unlink_quietly(new_path)
             raise StoreError(f"maildir {self.path}: cannot sync new/: {_reason(exc)}") from None
+        return new_path
 
     def describe(self) -> str:
         return f"maildir:{self.path}"
@@ -390,7 +406,8 @@ class MboxStore(_WaitingStore):
 
 
 def open_store(spec: str) -> Store:
-    """Build a store from a command-line spec: ``discard``, ``maildir:DIR`` or ``mbox:FILE``.
+    """Build a store from a spec: ``discard``, ``maildir:DIR``, ``mbox:FILE``, or ``memory`` /
+    ``memory:N`` (the last N messages as records, for the embedding API; see ``records``).
 
     Raises ValueError with a one-line message when the spec is malformed or the path cannot
     be used; Maildir directories are created when missing.
@@ -401,6 +418,12 @@ def open_store(spec: str) -> Store:
         if colon:
             raise ValueError(f"store {spec!r}: 'discard' takes no argument")
         return DiscardStore()
+    if kind == "memory":
+        if not colon:
+            return MemoryStore(DEFAULT_MAX_MESSAGES)
+        if not path.strip().isdigit() or int(path) < 1:
+            raise ValueError(f"store {spec!r}: expected 'memory:N' with N a count of messages")
+        return MemoryStore(int(path))
     if kind in ("maildir", "mbox"):
         if not path:
             what = "DIR" if kind == "maildir" else "FILE"
@@ -409,5 +432,6 @@ def open_store(spec: str) -> Store:
             return MaildirStore(path)
         return MboxStore(path)
     raise ValueError(
-        f"store {spec!r}: unknown kind {kind!r}, expected 'discard', 'maildir:DIR' or 'mbox:FILE'"
+        f"store {spec!r}: unknown kind {kind!r}, expected 'discard', 'maildir:DIR', "
+        "'mbox:FILE' or 'memory[:N]'"
     )
