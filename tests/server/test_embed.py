@@ -17,6 +17,7 @@ from mailstorm.sink import (
     ConfigError,
     MessageRecord,
     NoRecords,
+    SinkConfig,
     SinkThread,
     SinkTimeout,
     open_sink,
@@ -287,3 +288,47 @@ def test_sink_thread_implicit_tls(tls_files: TLSFiles) -> None:
             client.sendmail("a@x.test", ["b@x.test"], RAW)
         (record,) = sink.wait_for(1, timeout=TEST_TIMEOUT)
     assert record.tls is True
+
+
+# ---- faults through the API (the fault options are SinkConfig fields) ----------------------
+
+needs_faults = pytest.mark.skipif(
+    "faults" not in SinkConfig.__dataclass_fields__,
+    reason="SinkConfig has no 'faults' field yet (fault injection, issue 11)",
+)
+
+
+@needs_faults
+async def test_open_sink_injects_faults_exactly() -> None:
+    async with open_sink(faults=["EOD:452:every=5"]) as sink:
+
+        def send_ten() -> list[int]:
+            refused = []
+            for n in range(10):
+                try:
+                    send(sink.address, sender=f"s{n}@example.test")
+                except smtplib.SMTPDataError as exc:
+                    refused.append(exc.smtp_code)
+            return refused
+
+        refused = await trio.to_thread.run_sync(send_ten)
+        records = await sink.wait_for(8, timeout=TEST_TIMEOUT)
+    assert refused == [452, 452]
+    # The 5th and the 10th end of data were refused, so they are not stored.
+    assert [r.mail_from for r in records] == [
+        f"s{n}@example.test" for n in (0, 1, 2, 3, 5, 6, 7, 8)
+    ]
+    assert sink.stats.messages == 8
+
+
+@needs_faults
+def test_sink_thread_refuses_matching_recipients() -> None:
+    with SinkThread(faults=[r"RCPT to=~@reject\.test:550"]) as sink:
+        with smtplib.SMTP(*sink.address, timeout=TEST_TIMEOUT) as client:
+            refused = client.sendmail(
+                "a@example.test", ["ok@example.test", "bad@reject.test"], RAW
+            )
+        (record,) = sink.wait_for(1, timeout=TEST_TIMEOUT)
+    assert list(refused) == ["bad@reject.test"]
+    assert refused["bad@reject.test"][0] == 550
+    assert record.rcpt_tos == ["ok@example.test"]
