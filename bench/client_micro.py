@@ -22,7 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, cast
 
 from mailstorm.load.config import LoadConfig, Target
-from mailstorm.load.protocol import SEND, LoadProtocol
+from mailstorm.load.protocol import Action, LoadProtocol
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
 from mailstorm.wire.client import ClientConfig, ClientConnection
@@ -100,20 +100,21 @@ def _protocol_us(messages: int) -> float:
     protocol.connection_made(0.0, tls_active=False)
     for reply in (b"220 bench.sink ESMTP\r\n", EHLO):
         protocol.data_received(reply, 0.0)
-        while protocol.next_action() is SEND:
+        while protocol.next_action() is Action.SEND:
             protocol.data_to_send(0.0)
     protocol.add_message(0, 0.0)
     protocol.begin_chain(cast("MessageTickets", _DueTickets(messages)))
-    assert protocol.next_action() is SEND
+    assert protocol.next_action() is Action.SEND
     protocol.data_to_send(0.0)
     data = REPLIES.partition(b"\r\n")[2]  # the first group: no message ends
+    send, receive = Action.SEND, Action.RECEIVE  # as the session holds them: globals
     started = time.perf_counter()
     for n in range(messages + 1):
         now = n * 0.001
         protocol.data_received(data, now)
-        while (action := protocol.next_action()) is SEND:
+        while (action := protocol.next_action()) is send:
             protocol.data_to_send(now)  # the content, and the next message behind it
-        assert action is NeedData, action
+        assert action is receive, action
         data = REPLIES
     elapsed = time.perf_counter() - started
     assert stats.delivered == messages, stats.delivered

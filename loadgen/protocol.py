@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import ssl
 from collections import deque
+from enum import IntEnum, auto
 from typing import TYPE_CHECKING
 
 from mailstorm.load.config import LoadConfig
@@ -28,7 +29,6 @@ from mailstorm.wire.client import ClientConfig, ClientConnection
 from mailstorm.wire.client_events import (
     MessageDone,
     NeedData,
-    NeedDataType,
     PhaseDone,
     ReadyForTLS,
     SessionClosed,
@@ -39,54 +39,46 @@ from mailstorm.wire.client_events import (
 if TYPE_CHECKING:
     from mailstorm.load.schedule import MessageTickets
 
-__all__ = [
-    "CLOSE",
-    "HANDSHAKE",
-    "IDLE",
-    "QUIT",
-    "READY",
-    "SEND",
-    "Action",
-    "LoadFailure",
-    "LoadProtocol",
-    "NeedData",
-]
+__all__ = ["Action", "LoadFailure", "LoadProtocol"]
 
 
-class Action:
-    """What a driver does next; the module's constants (and ``NeedData``) are the only ones."""
+class Action(IntEnum):
+    """What the driver does next. The names are those of the sink's ``Action``
+    (``mailstorm.sink.protocol``) where the meaning is the same: RECEIVE, SEND, START_TLS,
+    CLOSE."""
 
-    __slots__ = ("name",)
+    #: Everything read is handled: wait for more input and pass it to ``data_received``.
+    RECEIVE = auto()
+    #: Write ``data_to_send(now)``, then ask again.
+    SEND = auto()
+    #: STARTTLS was accepted: do the TLS handshake, then call ``tls_started``.
+    START_TLS = auto()
+    #: The connection is set up (greeting, STARTTLS, AUTH): messages may start.
+    READY = auto()
+    #: Every message in flight has ended; keep the connection for the next one.
+    IDLE = auto()
+    #: Every message in flight has ended and the connection has carried its
+    #: ``--per-connection`` messages: ``quit``, then carry on until ``CLOSE``.
+    QUIT = auto()
+    #: QUIT was answered: wait briefly for the server to close first, then close.
+    CLOSE = auto()
+    #: The connection failed: ``failure_of(FAIL)`` says how; every message in flight fails
+    #: (``fail_inflight``) and the connection is closed.
+    FAIL = auto()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
 
-    def __repr__(self) -> str:
-        return self.name
-
-
-#: Write ``LoadProtocol.data_to_send(now)``; then ask again.
-SEND = Action("SEND")
-#: (``NeedData``, the wire's sentinel) Read, and pass what came to ``data_received``.
-#: The connection is set up (greeting, STARTTLS, AUTH): messages may start.
-READY = Action("READY")
-#: Do the TLS handshake (STARTTLS was accepted), then call ``tls_started``.
-HANDSHAKE = Action("HANDSHAKE")
-#: Every message in flight has ended; keep the connection for the next one.
-IDLE = Action("IDLE")
-#: Every message in flight has ended and the connection has carried its ``--per-connection``
-#: messages: QUIT (``quit``) and close.
-QUIT = Action("QUIT")
-#: QUIT was answered: wait briefly for the server to close first, then close.
-CLOSE = Action("CLOSE")
+# Module-level names for the actions of the hot path: an enum member's lookup through its
+# class costs ten times a global's, several times per message.
+_RECEIVE = Action.RECEIVE
+_SEND = Action.SEND
+_IDLE = Action.IDLE
 
 
 class LoadFailure(Exception):
-    """The connection failed: every message in flight on it fails (``fail_inflight``).
+    """A failure of the connection: every message in flight on it fails (``fail_inflight``).
 
-    Also an action: ``next_action`` returns one when the client connection failed. ``kind`` is
-    the error kind to count for each message (None when the cause was counted already, as a
-    refused reply).
+    ``kind`` is the error kind to count for each message (None when the cause was counted
+    already, as a refused reply).
     """
 
     def __init__(self, kind: str | None, detail: str) -> None:
@@ -100,6 +92,7 @@ class LoadProtocol:
 
     __slots__ = (
         "_client_config",
+        "_failure",
         "_per_connection",
         "_waiting",
         "config",
@@ -137,6 +130,8 @@ class LoadProtocol:
         self.now = 0.0
         #: The message taken by ``add_message`` and not yet handed to the connection.
         self._waiting: OutgoingMessage | None = None
+        #: What the latest ``FAIL`` was about.
+        self._failure: LoadFailure | None = None
 
     # -- messages --------------------------------------------------------------------------
 
@@ -206,11 +201,11 @@ class LoadProtocol:
             self._start_next(conn, tickets)
         return conn.data_to_send(now)
 
-    def next_action(self) -> Action | NeedDataType | LoadFailure:
+    def next_action(self) -> Action:
         """Handle the connection's events that need no waiting; say what the driver does next.
 
         Timed replies are recorded (errors among them counted, once) and ended messages
-        counted here. ``SEND`` and ``NeedData`` keep a conversation going; any other action
+        counted here. ``SEND`` and ``RECEIVE`` keep a conversation going; any other action
         ends what the driver was waiting for.
         """
         conn: ClientConnection = self.conn  # type: ignore[assignment]  # connected: see above
@@ -218,7 +213,7 @@ class LoadProtocol:
         while True:
             event = conn.next_event()
             if event is NeedData:
-                return SEND if conn.wants_to_send else NeedData
+                return _SEND if conn.wants_to_send else _RECEIVE
             if type(event) is PhaseDone:
                 if event.ok:
                     stats.phases.record(event.phase, event.elapsed)
@@ -239,20 +234,24 @@ class LoadProtocol:
                 if not inflight:
                     per_connection = self._per_connection
                     if per_connection and self.on_connection >= per_connection:
-                        return QUIT
-                    return IDLE
+                        return Action.QUIT
+                    return _IDLE
             elif type(event) is SessionReady:
                 if self.config.pipeline_messages and not conn.pipelining:
                     stats.unpipelined_connections += 1  # the report warns: the flag did nothing
-                return READY
+                return Action.READY
             elif type(event) is ReadyForTLS:
-                return HANDSHAKE
+                return Action.START_TLS
             elif type(event) is SessionClosed:
-                return CLOSE
+                return Action.CLOSE
             elif isinstance(event, SessionFailed):
-                return LoadFailure(event.kind, f"{event.phase}: {event.detail}")
+                return self._fail(event.kind, f"{event.phase}: {event.detail}")
             else:
-                return LoadFailure("protocol", f"unexpected {event!r}")
+                return self._fail("protocol", f"unexpected {event!r}")
+
+    def _fail(self, kind: str | None, detail: str) -> Action:
+        self._failure = LoadFailure(kind, detail)
+        return Action.FAIL
 
     # -- the connection --------------------------------------------------------------------
 
@@ -285,7 +284,7 @@ class LoadProtocol:
         self.conn.tls_started()
 
     def quit(self) -> None:
-        """Queue QUIT; ``next_action`` then leads to ``CLOSE``."""
+        """Queue QUIT; ``next_action`` then leads to ``Action.CLOSE``."""
         assert self.conn is not None
         self.conn.quit()
 
@@ -306,11 +305,14 @@ class LoadProtocol:
 
     # -- failures --------------------------------------------------------------------------
 
-    def failure_of(self, action: Action | NeedDataType | LoadFailure) -> LoadFailure:
-        """The failure an action means where the driver did not expect it."""
-        if isinstance(action, LoadFailure):
-            return action
-        return LoadFailure("protocol", f"unexpected {action!r}")
+    def failure_of(self, action: Action) -> LoadFailure:
+        """The failure ``FAIL`` reported, or the one any other action means where the driver
+        did not expect it."""
+        failure = self._failure
+        if action is Action.FAIL and failure is not None:
+            self._failure = None
+            return failure
+        return LoadFailure("protocol", f"unexpected {action.name}")
 
     def count_failure(self, failure: LoadFailure) -> None:
         """Count a failure no message was in flight for (a failed QUIT)."""

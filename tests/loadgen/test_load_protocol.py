@@ -10,19 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from mailstorm.load.config import LoadConfig, Target
-from mailstorm.load.protocol import (
-    CLOSE,
-    HANDSHAKE,
-    IDLE,
-    QUIT,
-    READY,
-    SEND,
-    LoadFailure,
-    LoadProtocol,
-    NeedData,
-)
+from mailstorm.load.protocol import Action, LoadProtocol
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
+
+SEND, RECEIVE, READY, IDLE, QUIT, CLOSE, FAIL = (
+    Action.SEND, Action.RECEIVE, Action.READY, Action.IDLE, Action.QUIT, Action.CLOSE, Action.FAIL
+)
 
 if TYPE_CHECKING:
     from mailstorm.load.schedule import MessageTickets
@@ -73,7 +67,7 @@ def flush(protocol: LoadProtocol, now: float = 1.0) -> list[bytes]:
 def ready(**options: Any) -> tuple[LoadProtocol, RunStats]:
     protocol, stats = make(**options)
     protocol.connection_made(0.0, tls_active=False)
-    assert play(protocol, b"220 sink.test ESMTP\r\n") == (NeedData, [b"EHLO mailstorm.test\r\n"])
+    assert play(protocol, b"220 sink.test ESMTP\r\n") == (RECEIVE, [b"EHLO mailstorm.test\r\n"])
     assert play(protocol, EHLO)[0] is READY
     return protocol, stats
 
@@ -86,7 +80,7 @@ def test_a_message_is_counted_once_and_the_connection_stays() -> None:
     assert protocol.next_action() is SEND
     assert protocol.data_to_send(1.0).startswith(b"MAIL FROM:")
     action, sent = play(protocol, GROUP_OK, 2.0)
-    assert action is NeedData and len(sent) == 1  # the content
+    assert action is RECEIVE and len(sent) == 1  # the content
     assert play(protocol, EOD_OK, 3.0) == (IDLE, [])
     assert (stats.delivered, stats.failed, protocol.on_connection) == (1, 0, 1)
     assert not protocol.inflight
@@ -112,8 +106,8 @@ def test_pipelined_chain_ends_each_message_in_order() -> None:
     flush(protocol)
     # Each 354: the content goes out with the next message's commands behind it.
     action, sent = play(protocol, GROUP_OK)
-    assert action is NeedData and b"MAIL FROM:" in sent[0]
-    assert play(protocol, EOD_OK + GROUP_OK)[0] is NeedData
+    assert action is RECEIVE and b"MAIL FROM:" in sent[0]
+    assert play(protocol, EOD_OK + GROUP_OK)[0] is RECEIVE
     assert stats.delivered == 1 and len(protocol.inflight) == 2
     play(protocol, EOD_OK + GROUP_OK)
     assert play(protocol, EOD_OK) == (IDLE, [])
@@ -126,8 +120,10 @@ def test_a_421_fails_every_message_in_flight_once() -> None:
     protocol.begin_chain(None)
     flush(protocol)
     action, _ = play(protocol, b"421 4.3.2 going down\r\n")
-    assert isinstance(action, LoadFailure) and action.kind is None  # counted as the reply
-    protocol.fail_inflight(action, 5.0)
+    assert action is FAIL
+    failure = protocol.failure_of(action)
+    assert failure.kind is None  # counted as the reply
+    protocol.fail_inflight(failure, 5.0)
     assert (stats.failed, stats.errors_by_code[421]) == (1, 1)
     assert sum(stats.errors_by_kind.values()) == 1
 
@@ -136,8 +132,8 @@ def test_starttls_asks_for_a_handshake() -> None:
     protocol, _ = make(starttls=True)
     protocol.connection_made(0.0, tls_active=False)
     play(protocol, b"220 sink.test ESMTP\r\n")
-    assert play(protocol, EHLO) == (NeedData, [b"STARTTLS\r\n"])
-    assert play(protocol, b"220 go ahead\r\n")[0] is HANDSHAKE
+    assert play(protocol, EHLO) == (RECEIVE, [b"STARTTLS\r\n"])
+    assert play(protocol, b"220 go ahead\r\n")[0] is Action.START_TLS
     protocol.tls_done(0.01)
     protocol.tls_started()
     assert protocol.next_action() is SEND
