@@ -18,8 +18,9 @@ Error handling: whatever keeps the sink from starting (a bad option, a port in u
 unusable store) is raised by ``open_sink``, or by ``SinkThread.start`` in the caller's thread.
 An error raised in the ``async with`` block comes out as itself, not in an exception group.
 A server that fails while running cancels the block (``open_sink``), or is raised by
-``SinkThread.stop``. Every wait is bounded: ``wait_for`` raises ``SinkTimeout``, and a thread
-that does not start or stop in time raises ``SinkError``.
+``SinkThread.stop``. Every wait is bounded: ``wait_for`` raises ``SinkTimeout`` (and, waiting
+on a ``SinkThread`` whose server has died, simply runs out of time), and a thread that does not
+start or stop in time raises ``SinkError``.
 """
 
 from __future__ import annotations
@@ -319,18 +320,15 @@ class SinkThread:
         if error is not None:
             raise error
 
-    def _running(self) -> tuple[Sink, trio.lowlevel.TrioToken]:
-        sink, token = self._sink, self._token
-        if sink is None or token is None:
-            raise SinkError("the sink is not started: use 'with SinkThread(...) as sink'")
-        return sink, token
-
     # ---- what the sink received ----------------------------------------------------------
 
     @property
     def sink(self) -> Sink:
-        """The ``Sink`` running in the thread (its async methods belong to that thread)."""
-        return self._running()[0]
+        """The ``Sink`` the thread runs (its async methods belong to that thread). It stays
+        readable after ``stop``: the records are still there."""
+        if self._sink is None:
+            raise SinkError("the sink is not started: use 'with SinkThread(...) as sink'")
+        return self._sink
 
     @property
     def address(self) -> tuple[str, int]:
@@ -365,10 +363,9 @@ class SinkThread:
 
     def wait_for(self, count: int = 1, timeout: float = DEFAULT_WAIT) -> list[MessageRecord]:
         """Block until ``count`` messages have been accepted since the start or the last
-        ``clear``, and return ``messages``. Raises ``SinkTimeout`` after ``timeout`` seconds."""
-        sink, token = self._running()
-        sink._records()  # NoRecords is raised here, before crossing threads
-        try:
-            return trio.from_thread.run(sink.wait_for, count, timeout, trio_token=token)
-        except trio.RunFinishedError:
-            raise SinkError("the sink thread has stopped") from None
+        ``clear``, and return ``messages``. Raises ``SinkTimeout`` after ``timeout`` seconds.
+        From any thread but the sink's own, an event loop's included (which it blocks)."""
+        sink = self.sink
+        if threading.current_thread() is self._thread:
+            raise SinkError("wait_for would block the sink's own thread: await sink.wait_for")
+        return sink._records().wait_blocking(count, timeout)

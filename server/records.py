@@ -7,9 +7,10 @@ records, the oldest dropped and counted. It never parses content on the sink's p
 parses its message when first asked) and never does I/O there: a record read back from a
 Maildir reads its file when its content is first asked for, in the caller's thread.
 
-Threads: the sink adds records on its trio thread; ``SinkThread`` callers read and clear them
-from another. The log's state is guarded by one ``threading.Lock`` held for a few list
-operations at a time; waking waiters (``wait``) happens on the trio thread only.
+Threads: the sink adds records on its trio thread; ``SinkThread`` callers read, clear and wait
+for them from others. The log's state is guarded by one ``threading.Condition`` whose lock is
+held for a few list operations at a time; ``wait`` (trio, on the sink's thread) wakes through a
+``trio.Event``, ``wait_blocking`` (any other thread) through the condition.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class MessageLog:
             raise ValueError("max_messages must be at least 1")
         self.max_messages = max_messages
         self._records: collections.deque[MessageRecord] = collections.deque(maxlen=max_messages)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._arrived = 0
         self._dropped = 0
         self._changed = trio.Event()
@@ -156,6 +157,7 @@ class MessageLog:
                 self._dropped += 1
             self._records.append(record)
             self._arrived += 1
+            self._lock.notify_all()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
@@ -191,7 +193,20 @@ class MessageLog:
             while self._arrived < count:
                 await self._changed.wait()
             return self.records()
-        raise SinkTimeout(
+        raise self._timeout(count, timeout)
+
+    def wait_blocking(self, count: int, timeout: float) -> list[MessageRecord]:
+        """``wait`` for any thread but the sink's: blocks the caller (its event loop too, if it
+        has one) until ``count`` messages have arrived or ``timeout`` seconds have passed."""
+        if not math.isfinite(timeout) or timeout < 0:
+            raise ValueError("timeout must be a finite number of seconds")
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._arrived >= count, timeout):
+                raise self._timeout(count, timeout)
+            return list(self._records)
+
+    def _timeout(self, count: int, timeout: float) -> SinkTimeout:
+        return SinkTimeout(
             f"waited {timeout:g}s for {count} message{'s' * (count != 1)}, "
             f"{self._arrived} arrived"
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import textwrap
 import threading
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def readme_tests(*names: str) -> str:
 
 def sink_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "mailstorm-sink"]
+
+
+def test_the_plugin_is_a_pytest11_entry_point() -> None:
+    (entry,) = [e for e in entry_points(group="pytest11") if e.name == "mailstorm"]
+    assert entry.value == "mailstorm.pytest_plugin"
 
 
 def test_the_readme_example_passes_in_a_fresh_process(pytester: pytest.Pytester) -> None:
@@ -199,7 +205,9 @@ def test_trio_tests_get_a_sink_in_their_own_loop(pytester: pytest.Pytester) -> N
             @pytest.mark.trio
             async def test_the_thread_sink_works_in_trio_tests_too(smtp_sink):
                 await trio.to_thread.run_sync(send, smtp_sink.address)
-                await trio.to_thread.run_sync(smtp_sink.wait_for, 1)
+                # Blocks this test's loop (not the sink's) until the message is in.
+                (record,) = smtp_sink.wait_for(1, timeout=20)
+                assert record.mail_from == "a@example.test"
             """
         )
     )

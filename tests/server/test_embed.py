@@ -332,3 +332,20 @@ def test_sink_thread_refuses_matching_recipients() -> None:
     assert list(refused) == ["bad@reject.test"]
     assert refused["bad@reject.test"][0] == 550
     assert record.rcpt_tos == ["ok@example.test"]
+
+
+def test_sink_thread_wait_for_works_from_another_trio_loop() -> None:
+    """A trio program may hold a SinkThread too: its wait_for blocks that program's loop, not
+    the sink's, which keeps serving."""
+    with SinkThread() as sink:
+
+        async def main() -> list[MessageRecord]:
+            sender = threading.Thread(target=send, args=(sink.address,))
+            sender.start()
+            try:
+                return sink.wait_for(1, timeout=TEST_TIMEOUT)
+            finally:
+                sender.join(TEST_TIMEOUT)
+
+        (record,) = trio.run(main)
+    assert record.rcpt_tos == ["rcpt@example.test"]
