@@ -9,7 +9,7 @@ a program or a test) and ``records`` (what it received, as ``MessageRecord``s).
 from .app import ConfigError, SinkServer
 from .config import Address, SinkConfig
 from .embed import NoRecords, Sink, SinkError, SinkThread, open_sink
-from .records import MemoryStore, MessageRecord, SinkTimeout
+from .records import MemoryStore, MessageRecord, SinkTimeout, read_maildir
 
 __all__ = [
     "Address",
@@ -24,4 +24,5 @@ __all__ = [
     "SinkThread",
     "SinkTimeout",
     "open_sink",
+    "read_maildir",
 ]

@@ -1,5 +1,6 @@
 """What an embedded sink received, as records a test can look at: ``MessageRecord``, the
-bounded ``MessageLog`` that keeps them, and ``MemoryStore``, the store that fills it.
+bounded ``MessageLog`` that keeps them, ``MemoryStore``, the store that fills it, and
+``read_maildir``, records of a Maildir any sink wrote (``--workers`` included).
 
 This module owns the record's shape (the envelope, the client's address, the raw content and
 its parsed ``email.message.EmailMessage``) and the log's bound: at most ``max_messages``
@@ -18,7 +19,10 @@ from __future__ import annotations
 import collections
 import email
 import email.policy
+import email.utils
 import math
+import os
+import re
 import threading
 import time
 from email.message import EmailMessage
@@ -33,6 +37,7 @@ __all__ = [
     "MessageLog",
     "MessageRecord",
     "SinkTimeout",
+    "read_maildir",
 ]
 
 #: Records a log keeps unless told otherwise: plenty for a test, bounded for a long load run.
@@ -234,3 +239,86 @@ class MemoryStore:
 
     def describe(self) -> str:
         return f"memory (the last {self.log.max_messages} messages)"
+
+
+# ---- records of a Maildir written by any sink ------------------------------------------------
+
+#: A Maildir file name of the sink's stores: seconds, microseconds, pid and counter sort it.
+_MAILDIR_NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)Q(\d+)\.")
+#: The clauses of the sink's Received header (``trace.trace_headers``), once unfolded.
+_RECEIVED = re.compile(
+    r"from (?P<helo>\S+) \((?:\\.|[^()\\])* \[(?:IPv6:)?(?P<ip>[^\]]*)\]\)"
+    r" by \S+ \(mailstorm\) with (?P<protocol>\S+)"
+    r"(?: \((?:version|cipher)=[^)]*\))?"
+    r"(?: \(authenticated as (?P<user>(?:\\.|[^()\\])*)\))?"
+    r" id \S+(?: for <(?P<rcpt>.*)>)?; (?P<date>.*)"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+#: Longest trace line read; the sink's are under 300 octets.
+_MAX_TRACE_LINE = 4096
+
+
+def read_maildir(path: str | os.PathLike[str]) -> list[MessageRecord]:
+    """Records of the messages a sink stored in the Maildir at ``path`` (``new/`` and
+    ``cur/``), oldest first, from the trace headers the sink wrote before each message.
+
+    What the trace headers say is what the records know: the sender, the client's address,
+    HELO, TLS, the AUTH user and the time; the recipient only when the message had exactly
+    one (the ``Received`` header names no more, RFC 5321 7.6), else ``rcpt_tos`` is empty.
+    Files without the sink's trace headers are skipped. Content is read when first asked for.
+    """
+    root = os.fspath(path)
+    files = []
+    for sub in ("new", "cur"):
+        with os.scandir(os.path.join(root, sub)) as entries:
+            files += [(_maildir_order(e.name), e.path) for e in entries if e.is_file()]
+    records = []
+    for _, file_path in sorted(files):
+        record = _record_from_trace(file_path)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _maildir_order(name: str) -> tuple[int, ...]:
+    m = _MAILDIR_NAME.match(name)
+    return tuple(int(part) for part in m.groups()) if m else (0, 0, 0, 0)
+
+
+def _record_from_trace(path: str) -> MessageRecord | None:
+    """The record of one stored message, or None if it does not start with the sink's trace
+    (a Return-Path line, then one Received header and its continuation lines)."""
+    lines: list[bytes] = []
+    with open(path, "rb") as file:
+        line = file.readline(_MAX_TRACE_LINE)
+        if not line.startswith(b"Return-Path: <"):
+            return None
+        lines.append(line)
+        line = file.readline(_MAX_TRACE_LINE)
+        if not line.startswith(b"Received: "):
+            return None
+        while line.startswith((b"Received: ", b"\t")):
+            lines.append(line)
+            line = file.readline(_MAX_TRACE_LINE)
+    return_path = lines[0].decode("utf-8", "replace").rstrip("\r\n")
+    received = b"".join(lines[1:]).decode("utf-8", "replace")
+    m = _RECEIVED.fullmatch(received.replace("\r\n\t", " ").rstrip("\r\n")[len("Received: ") :])
+    if m is None or not return_path.endswith(">"):
+        return None
+    protocol = m["protocol"]
+    user = m["user"]
+    envelope = Envelope(
+        mail_from=return_path[len("Return-Path: <") : -1],
+        rcpt_tos=[m["rcpt"]] if m["rcpt"] is not None else [],
+        helo=m["helo"],
+        greeting="SMTP" if protocol == "SMTP" else "ESMTP",
+        tls=protocol.removesuffix("A").endswith("S"),
+        auth_user=_QUOTED_PAIR.sub(r"\1", user) if user is not None else None,
+        smtputf8=protocol.startswith("UTF8"),
+        client_address=m["ip"],
+    )
+    try:
+        received_at = email.utils.parsedate_to_datetime(m["date"]).timestamp()
+    except (TypeError, ValueError):
+        received_at = os.path.getmtime(path)
+    return MessageRecord(envelope, trace=b"".join(lines), path=path, received_at=received_at)
