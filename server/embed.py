@@ -86,6 +86,8 @@ def sink_config(*, faults: Iterable[str] = (), **sink_options: Any) -> SinkConfi
                 parse_address(a) if isinstance(a, str) else a for a in sink_options[name]
             )
     sink_options.setdefault("listen", (Address("127.0.0.1", 0),))
+    if isinstance(faults, str):
+        raise TypeError(f"faults is a list of fault specs: faults=[{faults!r}]")
     faults = tuple(faults)
     if faults:
         sink_options["faults"] = faults

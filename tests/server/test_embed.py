@@ -192,6 +192,8 @@ async def test_a_port_in_use_is_a_config_error_at_start() -> None:
 async def test_sink_options_are_sink_config_fields() -> None:
     with pytest.raises(TypeError, match="no_such_option"):
         open_sink(no_such_option=1)
+    with pytest.raises(TypeError, match=r"faults=\['RCPT:450'\]"):
+        open_sink(faults="RCPT:450")
     async with open_sink(hostname="sink.example", max_size=1000) as sink:
 
         def ehlo() -> tuple[int, bytes]:
