@@ -15,13 +15,16 @@ store, or any ``SinkConfig`` field: the ``@pytest.mark.smtp_sink(**options)`` ma
 indirect parametrization with a dict (``@pytest.mark.parametrize("smtp_sink", [{...}],
 indirect=True)``), which wins over the marker where both name an option.
 
+When a test that uses one of them fails, its report gets a section saying what the sink
+received (sender, recipients and subject of each message, and the counters).
+
 This module imports the sink only when a fixture is used, so that loading the plugin costs
 pytest runs that never ask for a sink nothing. It never changes other plugins' fixtures.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["smtp_sink", "smtp_sink_session", "trio_smtp_sink"]
 
 MARKER = "smtp_sink"
+FIXTURES = ("smtp_sink", "smtp_sink_session", "trio_smtp_sink")
+#: Messages listed in a failed test's report section; the rest are counted.
+REPORTED_MESSAGES = 20
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,6 +46,43 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(**options): options of the smtp_sink and trio_smtp_sink fixtures' sink "
         "(faults=[...], store='memory' or 'maildir:DIR', max_messages, any SinkConfig field)",
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.when == "call" and report.failed:
+        funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+        for name in FIXTURES:
+            sink = funcargs.get(name)
+            if sink is not None and hasattr(sink, "stats"):
+                report.sections.append((f"what {name} received", describe(sink)))
+
+
+def describe(sink: Sink | SinkThread) -> str:
+    """A few lines on what ``sink`` received: the counters, then one line per message."""
+    from mailstorm.sink import NoRecords
+
+    stats = sink.stats
+    lines = [
+        f"{sink.host}:{sink.port}: {stats.messages} accepted, {stats.messages_refused} refused,"
+        f" {stats.sessions_total} sessions"
+    ]
+    try:
+        records = sink.messages
+    except NoRecords as exc:
+        return "\n".join([*lines, str(exc)])
+    for record in records[:REPORTED_MESSAGES]:
+        subject = record.message.get("Subject", "")
+        lines.append(f"  <{record.mail_from}> -> {record.rcpt_tos}: {subject!r}")
+    if len(records) > REPORTED_MESSAGES:
+        lines.append(f"  ... and {len(records) - REPORTED_MESSAGES} more")
+    if sink.dropped:
+        lines.append(f"  ({sink.dropped} older records dropped to keep max_messages)")
+    return "\n".join(lines)
 
 
 def sink_options(request: pytest.FixtureRequest) -> dict[str, Any]:

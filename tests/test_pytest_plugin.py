@@ -213,3 +213,30 @@ def test_trio_tests_get_a_sink_in_their_own_loop(pytester: pytest.Pytester) -> N
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+def test_a_failed_test_reports_what_the_sink_received(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        SEND
+        + textwrap.dedent(
+            """
+            def test_fails(smtp_sink):
+                send(smtp_sink.address, sender="x@example.test", text="Subject: hello\\n\\nhi\\n")
+                smtp_sink.wait_for(1, timeout=20)
+                assert smtp_sink.messages == []
+
+            def test_passes(smtp_sink):
+                send(smtp_sink.address)
+            """
+        )
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- what smtp_sink received -*",
+            "127.0.0.1:*: 1 accepted, 0 refused, 1 sessions",
+            "  <x@example.test> -> ['b@example.test']: 'hello'",
+        ]
+    )
+    assert result.stdout.str().count("what smtp_sink received") == 1
