@@ -57,7 +57,8 @@ def pytest_runtest_makereport(
     if report.when == "call" and report.failed:
         funcargs: dict[str, Any] = getattr(item, "funcargs", {})
         for name in FIXTURES:
-            sink = funcargs.get(name)
+            # pytest-trio keeps its fixtures' values in ``fixture_value``.
+            sink = getattr(funcargs.get(name), "fixture_value", funcargs.get(name))
             if sink is not None and hasattr(sink, "stats"):
                 report.sections.append((f"what {name} received", describe(sink)))
 

@@ -203,6 +203,12 @@ def test_trio_tests_get_a_sink_in_their_own_loop(pytester: pytest.Pytester) -> N
                 assert record.message["Subject"] == "hi"
 
             @pytest.mark.trio
+            async def test_fails(trio_smtp_sink):
+                await trio.to_thread.run_sync(send, trio_smtp_sink.address, "x@example.test")
+                await trio_smtp_sink.wait_for(1, timeout=20)
+                assert False
+
+            @pytest.mark.trio
             async def test_the_thread_sink_works_in_trio_tests_too(smtp_sink):
                 await trio.to_thread.run_sync(send, smtp_sink.address)
                 # Blocks this test's loop (not the sink's) until the message is in.
@@ -212,7 +218,10 @@ def test_trio_tests_get_a_sink_in_their_own_loop(pytester: pytest.Pytester) -> N
         )
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*- what trio_smtp_sink received -*", "  <x@example.test> -> ['b@example.test']: 'hi'"]
+    )
 
 
 def test_a_failed_test_reports_what_the_sink_received(pytester: pytest.Pytester) -> None:
