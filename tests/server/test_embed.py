@@ -351,3 +351,17 @@ def test_sink_thread_wait_for_works_from_another_trio_loop() -> None:
 
         (record,) = trio.run(main)
     assert record.rcpt_tos == ["rcpt@example.test"]
+
+
+@pytest.mark.parametrize("spec", ["memory:0", "memory:many", "memory:"])
+def test_a_bad_memory_store_spec_is_a_config_error(spec: str) -> None:
+    with pytest.raises(ConfigError, match="expected 'memory:N'"):
+        SinkThread(store=spec).start()
+
+
+def test_records_stay_readable_after_the_sink_stopped() -> None:
+    with SinkThread(store="memory:5") as sink:
+        send(sink.address)
+        sink.wait_for(1, timeout=TEST_TIMEOUT)
+    (record,) = sink.messages
+    assert record.message["X-Second"] == "café"
