@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 __all__ = [
     "AuthAttempt",
     "Closed",
+    "Delay",
+    "Dropped",
     "Envelope",
     "Event",
+    "FaultReplied",
     "MessageReceived",
     "MessageRefused",
     "NeedData",
@@ -136,3 +139,37 @@ class Closed(Event):
 
     def __repr__(self) -> str:
         return "Closed()"
+
+
+# ---- injected faults (``faults.FaultPlan``): the core has already acted; these tell the driver
+# what to carry out (a delay) and what to count and log.
+
+
+@dataclass(slots=True)
+class FaultReplied(Event):
+    """An injected reply is queued instead of the usual answer at ``point`` (at EOD the message
+    is not stored). Nothing to answer: the event is there for counting and logging."""
+
+    point: str
+    code: int
+    #: The rule or magic address that chose it, for the log.
+    why: str
+
+
+@dataclass(slots=True)
+class Delay(Event):
+    """Wait ``seconds`` before sending what is queued (the answer at ``point`` is among it),
+    then go on. The wait is the server's time: no client timeout runs during it."""
+
+    point: str
+    seconds: float
+    why: str
+
+
+@dataclass(slots=True)
+class Dropped(Event):
+    """The connection must be closed now, without the answer at ``point`` (mid-content for a
+    drop at DATA; at EOD the message is not stored)."""
+
+    point: str
+    why: str

@@ -63,6 +63,8 @@ BDAT_IN_PROGRESS = Reply(503, "5.5.1", "Error: BDAT transfer in progress, send B
 DATA_DURING_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed during BDAT transfer")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
+# After an injected failure banner (RFC 5321 3.1: the client should send QUIT).
+NO_SERVICE = Reply(503, "5.5.1", "Error: no SMTP service here, send QUIT")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 # As Postfix: a TLS upgrade would have to forget the envelope (RFC 3207 4.2) mid-transaction.
 TLS_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")

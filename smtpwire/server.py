@@ -26,6 +26,15 @@ Security properties held here:
   is refused, so no envelope is lost to it;
 - only CRLF "." CRLF ends DATA (see ``data.DataReader``);
 - passwords only ever leave in an ``AuthAttempt`` (whose repr hides them).
+
+Injected faults (``SessionPolicy.faults``, a ``faults.FaultPlan``): when a plan is set, the
+commands are dispatched through ``_FAULTY_HANDLERS``, whose wrappers ask the plan before the
+usual handler answers an in-sequence command; the banner is decided in ``__init__`` and the end
+of data in ``_finish_message``. An injected reply replaces the answer (421 also ends the
+session; at EOD the message is not stored), a delay is a ``Delay`` event returned before the
+queued answer may leave, a drop closes without the answer (at DATA: once content arrives,
+read from ``Mode.DROP_CONTENT``). Events that must follow another wait in ``Mode.HELD``.
+Without a plan none of this runs: the only cost is the handler table being an attribute.
 """
 
 from __future__ import annotations
@@ -43,14 +52,18 @@ from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
 from .events import (
     AuthAttempt,
     Closed,
+    Delay,
+    Dropped,
     Envelope,
     Event,
+    FaultReplied,
     MessageReceived,
     MessageRefused,
     NeedData,
     OutputFull,
     StartTLS,
 )
+from .faults import FaultPlan, Verdict
 from .grammar import COMMAND, MAIL_ARGS, MAX_PATH_OCTETS, RCPT_ARGS, DuplicateParameter, Path
 from .grammar import parse_path as _parse_path
 from .replies import Reply
@@ -103,6 +116,9 @@ class SessionPolicy:
     #: Offer AUTH on a plaintext connection even though TLS is available.
     insecure_auth: bool = False
     bare_linefeed: BareLinefeedPolicy = BareLinefeedPolicy.NORMALIZE
+    #: Replies, delays and drops to inject (None: none, the usual case). One plan is shared
+    #: by all sessions of a server: its ``every=N`` counts and once-keys are per process.
+    faults: FaultPlan | None = None
 
     def ehlo_keywords(self, tls_active: bool) -> list[str]:
         """The EHLO keyword lines (RFC 5321 4.1.1.1) for a session in this TLS state."""
@@ -140,6 +156,10 @@ class Mode(IntEnum):
     DISCARD_LINE = auto()
     #: Parked: the driver owes an answer (store, password check, TLS handshake).
     WAITING = auto()
+    #: Events are held to be returned, one per ``next_event``, before the mode they follow.
+    HELD = auto()
+    #: A drop at DATA: the 354 is out; the connection closes once content arrives.
+    DROP_CONTENT = auto()
     #: The session is over; input is ignored.
     CLOSED = auto()
 
@@ -157,6 +177,8 @@ class Phase(IntEnum):
     RCPT = auto()
     #: Inside a BDAT sequence (after a non-LAST chunk).
     BDAT = auto()
+    #: An injected failure banner was sent: only QUIT is in sequence (RFC 5321 3.1).
+    NO_SERVICE = auto()
 
 
 # Commands out of sequence: (verb, phase) -> the 503 to send. Absent means "in sequence".
@@ -182,6 +204,11 @@ _OUT_OF_SEQUENCE: dict[tuple[str, Phase], Reply] = {
     ("STARTTLS", Phase.MAIL): R.TLS_IN_TRANSACTION,
     ("STARTTLS", Phase.RCPT): R.TLS_IN_TRANSACTION,
     ("STARTTLS", Phase.BDAT): R.TLS_IN_TRANSACTION,
+    **{
+        (verb, Phase.NO_SERVICE): R.NO_SERVICE
+        for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY",
+                     "EXPN", "HELP", "AUTH", "STARTTLS")
+    },
 }
 
 _HELP_TOPICS: dict[str, str] = {
@@ -247,6 +274,16 @@ class ServerConnection:
         self._auth_mechanism = ""
         self._auth_username: str | None = None
         self._pending: Event | None = None
+        # Injected faults: the plan, the handler table that consults it, events held back
+        # (``Mode.HELD``) and the mode they return to, a delay owed after the driver's answer.
+        plan = policy.faults
+        self._faults = plan
+        self._handlers = _HANDLERS if plan is None else _FAULTY_HANDLERS
+        self._held: list[Event] = []
+        self._held_mode = Mode.COMMAND
+        self._delay_after_answer: Delay | None = None
+        if plan is not None and plan.applies_to("BANNER"):
+            self._fault_banner(plan)
 
     # ---- driver API --------------------------------------------------------------------
 
@@ -373,6 +410,9 @@ class ServerConnection:
             self._refuse(reply)
         else:
             self._reply(reply)
+        if self._delay_after_answer is not None:
+            delay, self._delay_after_answer = self._delay_after_answer, None
+            self._hold(delay)
 
     def _park(self, event: Event) -> Event:
         self.mode = Mode.WAITING
@@ -385,6 +425,101 @@ class ServerConnection:
         self._bdat_size = 0
         if self.phase is not Phase.CONNECTED:
             self.phase = Phase.READY
+
+    # ---- injected faults (see the module docstring) ------------------------------------
+
+    def _hold(self, *events: Event) -> None:
+        """Return ``events`` from the next ``next_event`` calls, then go on in this mode."""
+        if self.mode is not Mode.HELD:
+            self._held_mode = self.mode
+            self.mode = Mode.HELD
+        self._held.extend(events)
+
+    def _read_held(self) -> Event | None:
+        held = self._held
+        event = held.pop(0)
+        if not held:
+            self.mode = self._held_mode
+        return event
+
+    def _then(self, first: Event, after: Event | None) -> Event:
+        """``first`` now, ``after`` (if any) on the next ``next_event``."""
+        if after is not None:
+            self._hold(after)
+        return first
+
+    def _fault_reply(self, point: str, reply: Reply, why: str) -> FaultReplied:
+        """Queue an injected reply; a 421 ends the session, as any 421 does."""
+        self._reply(reply)
+        if reply.code == 421:
+            self.close()
+        return FaultReplied(point, reply.code, why)
+
+    def _fault_banner(self, plan: FaultPlan) -> None:
+        verdict = plan.decide("BANNER")
+        if verdict is None:
+            return
+        event: Event | None = None
+        if verdict.drop:
+            self._out.clear()
+            self._unsent = 0
+            self.close()
+            event = Dropped("BANNER", verdict.why)
+        elif verdict.reply is not None:
+            self._out.clear()
+            self._unsent = 0
+            event = self._fault_reply("BANNER", verdict.reply, verdict.why)
+            if self.mode is not Mode.CLOSED:
+                self.phase = Phase.NO_SERVICE
+        if verdict.delay:
+            self._hold(Delay("BANNER", verdict.delay, verdict.why))
+        if event is not None:
+            self._hold(event)
+
+    def _fault_command(
+        self, verb: str, verdict: Verdict, handler: _Handler, arg: str | None
+    ) -> Event | None:
+        """Carry out ``verdict`` for a command about to be answered by ``handler``."""
+        event: Event | None
+        if verdict.drop:
+            if verb in _DROP_MID_CONTENT:
+                event = handler(self, arg)
+                if self.mode is Mode.DATA:
+                    self._data_reader = None
+                    self.mode = Mode.DROP_CONTENT
+            else:
+                self.close()
+                event = Dropped(verb, verdict.why)
+        elif verdict.reply is not None:
+            event = self._fault_reply(verb, verdict.reply, verdict.why)
+        else:
+            event = handler(self, arg)
+        if verdict.delay:
+            return self._then(Delay(verb, verdict.delay, verdict.why), event)
+        return event
+
+    def _fault_at_eod(self, verdict: Verdict, message: MessageReceived) -> Event:
+        """The end of data with a verdict: a drop or an injected reply keeps the message from
+        the store; a delay alone holds the answer the driver gives (250 or 451) after storing."""
+        event: Event
+        if verdict.drop:
+            self.close()
+            event = Dropped("EOD", verdict.why)
+        elif verdict.reply is not None:
+            event = self._fault_reply("EOD", verdict.reply, verdict.why)
+        else:
+            self._delay_after_answer = Delay("EOD", verdict.delay, verdict.why)
+            return self._park(message)
+        if verdict.delay:
+            return self._then(Delay("EOD", verdict.delay, verdict.why), event)
+        return event
+
+    def _drop_content(self) -> Event | None:
+        """A drop at DATA: close as soon as content arrives, without reading it."""
+        if self._buf:
+            self.close()
+            return Dropped("DATA", "drop at DATA")
+        return Closed() if self._eof else NeedData
 
     # ---- readers, one per mode ---------------------------------------------------------
 
@@ -464,7 +599,7 @@ class ServerConnection:
             self._refuse(R.UNKNOWN_COMMAND)
             return None
         verb = m.group(1).upper()
-        handler = _HANDLERS.get(verb)
+        handler = self._handlers.get(verb)
         if handler is None:
             self._refuse(R.UNKNOWN_COMMAND)
             return None
@@ -683,6 +818,10 @@ class ServerConnection:
             )
             return MessageRefused(envelope, failure.value)
         assert content is not None
+        if self._faults is not None:
+            verdict = self._faults.decide("EOD", envelope.mail_from, envelope.rcpt_tos)
+            if verdict is not None:
+                return self._fault_at_eod(verdict, MessageReceived(envelope, content))
         return self._park(MessageReceived(envelope, content))
 
     def _rset(self, arg: str | None) -> Event | None:
@@ -867,6 +1006,71 @@ _HANDLERS: dict[str, _Handler] = {
     "AUTH": ServerConnection._auth,
 }
 
+#: A drop at these points closes in the middle of the content, after the 354.
+_DROP_MID_CONTENT = frozenset({"DATA"})
+
+
+def _mailbox(pattern: re.Pattern[str], arg: str | None) -> str | None:
+    """The mailbox of a MAIL/RCPT argument, or None when the handler will refuse it anyway."""
+    m = pattern.fullmatch(arg or "")
+    if m is None:
+        return None
+    try:
+        return _parse_path(m).mailbox
+    except DuplicateParameter:
+        return None
+
+
+def _ask_mail(conn: ServerConnection, arg: str | None, plan: FaultPlan) -> Verdict | None:
+    sender = _mailbox(MAIL_ARGS, arg)
+    return None if sender is None else plan.decide("MAIL", sender)
+
+
+def _ask_rcpt(conn: ServerConnection, arg: str | None, plan: FaultPlan) -> Verdict | None:
+    recipient = _mailbox(RCPT_ARGS, arg)
+    envelope = conn.envelope
+    if recipient is None or envelope is None:
+        return None
+    return plan.decide("RCPT", envelope.mail_from, (recipient,))
+
+
+def _ask_data(conn: ServerConnection, arg: str | None, plan: FaultPlan) -> Verdict | None:
+    envelope = conn.envelope
+    if envelope is None:
+        return None
+    return plan.decide("DATA", envelope.mail_from, envelope.rcpt_tos)
+
+
+_FaultQuestion = Callable[[ServerConnection, str | None, FaultPlan], Verdict | None]
+#: How the plan is asked about a verb: with the envelope's addresses where they are known.
+_FAULT_QUESTIONS: dict[str, _FaultQuestion] = {
+    "MAIL": _ask_mail,
+    "RCPT": _ask_rcpt,
+    "DATA": _ask_data,
+}
+
+
+def _with_faults(verb: str, handler: _Handler) -> _Handler:
+    """``handler``, asking the fault plan first (only in a connection that has one)."""
+    ask = _FAULT_QUESTIONS.get(verb)
+
+    def faulty(conn: ServerConnection, arg: str | None) -> Event | None:
+        plan = conn._faults
+        assert plan is not None
+        verdict = plan.decide(verb) if ask is None else ask(conn, arg, plan)
+        if verdict is None:
+            return handler(conn, arg)
+        return conn._fault_command(verb, verdict, handler, arg)
+
+    return faulty
+
+
+#: The handlers of a connection with a fault plan (BDAT has no point: its chunk must be read).
+_FAULTY_HANDLERS: dict[str, _Handler] = {
+    verb: handler if verb == "BDAT" else _with_faults(verb, handler)
+    for verb, handler in _HANDLERS.items()
+}
+
 _READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
     Mode.COMMAND: ServerConnection._read_command,
     Mode.DATA: ServerConnection._read_data,
@@ -874,5 +1078,7 @@ _READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
     Mode.AUTH_LINE: ServerConnection._read_auth_line,
     Mode.DISCARD_LINE: ServerConnection._discard_line,
     Mode.WAITING: ServerConnection._read_nothing,
+    Mode.HELD: ServerConnection._read_held,
+    Mode.DROP_CONTENT: ServerConnection._drop_content,
     Mode.CLOSED: ServerConnection._read_nothing,
 }
