@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import ssl
 import sys
@@ -31,6 +32,7 @@ import trio
 from mailstorm._net.netstream import SocketTransport
 from mailstorm._net.readiness import ReadinessHub
 from mailstorm.wire import reply_table as R
+from mailstorm.wire.faults import FaultPlan, FaultSpecError
 from mailstorm.wire.server import SessionPolicy
 
 from .admission import AcceptErrorEpisode, AddressSlots
@@ -79,6 +81,18 @@ class SinkServer:
         self.config = config
         self.stats = SinkStats()
         self.store = store
+        try:
+            #: The faults every session consults; its ``every=N`` counts are per process.
+            self.fault_plan = FaultPlan.from_specs(
+                faults=config.faults,
+                delays=config.delays,
+                drops=config.drops,
+                magic_addresses=config.magic_addresses,
+                random=random.Random(config.fault_seed).random,
+                hostname=config.hostname,
+            )
+        except FaultSpecError as exc:
+            raise ConfigError(str(exc)) from None
         self.policy = SessionPolicy(
             hostname=config.hostname,
             max_size=config.max_size,
@@ -90,6 +104,7 @@ class SinkServer:
             tls_available=ssl_context is not None,
             insecure_auth=config.insecure_auth,
             bare_linefeed=config.bare_linefeed,
+            faults=self.fault_plan,
         )
         self._ctx = SessionContext(
             policy=self.policy,
@@ -102,6 +117,7 @@ class SinkServer:
             min_data_rate=config.min_data_rate,
             max_session_time=config.max_session_time,
             auth_limiter=AuthFailureLimiter(config.max_auth_failures),
+            throttle=config.throttle,
         )
         if config.tls_listen and ssl_context is None:
             raise ConfigError("--tls-listen needs --tls-cert and --tls-key")

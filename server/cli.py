@@ -55,11 +55,16 @@ examples:
   mailstorm sink --listen 127.0.0.1:2525 --listen [::1]:2525 --store mbox:./sink.mbox
   mailstorm sink --tls-cert cert.pem --tls-key key.pem --tls-listen 127.0.0.1:4650 \\
                  --auth-file users.txt --auth-required
+  mailstorm sink --fault 'RCPT to=~@reject\\.test:550' --fault 'EOD:452:every=5' \\
+                 --delay 'RCPT:100ms:5%' --drop 'DATA:1%' --magic-addresses
 
 limits: 0 means "no limit" for every --max-* option and for --min-data-rate.
 
 auth file: one user per line, "user:password" in plaintext, or "user:$scrypt$..." as printed
 by "mailstorm passwd USER". Lines starting with # are comments.
+
+faults: with --workers N every worker injects them; every=N counts and 450-once keys are
+per worker process, so with N workers "every=5" is exact per worker, not over the total.
 
 exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 if a listener cannot be opened,
 2 for bad arguments or unusable files.
@@ -226,6 +231,58 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "538 5.7.11). Without TLS configured AUTH always works on plaintext",
     )
 
+    faults = p.add_argument_group(
+        "injected faults, for testing mail clients (see the README; each repeatable)"
+    )
+    faults.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="reply a failure instead of the usual answer: POINT[ COND...]:REPLY[:TRIGGER], "
+        "e.g. 'RCPT:450 4.2.0 mailbox busy:10%%', 'RCPT to=~@reject\\.test:550', "
+        "'MAIL from=bounce@*:451', 'EHLO:421' (421 closes), 'EOD:452:every=5' (the message "
+        "is not stored). POINT: BANNER, HELO, EHLO, MAIL, RCPT, DATA, EOD or another verb",
+    )
+    faults.add_argument(
+        "--delay",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="wait before answering: POINT[ COND...]:DURATION[:TRIGGER], e.g. 'EOD:2s' (the "
+        "message is stored, its 250 waits), 'RCPT:100ms:5%%', 'BANNER:10s' (tarpit)",
+    )
+    faults.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="close the connection instead of answering: POINT[ COND...][:TRIGGER], e.g. "
+        "'DATA:1%%' (after the 354, once content arrives), 'EOD:every=100' (not stored)",
+    )
+    faults.add_argument(
+        "--throttle",
+        type=value_type(parse_size),
+        default=0,
+        metavar="BYTES_PER_S",
+        help="read at most this many bytes per second from each session (a slow link for "
+        "what the client sends; replies are not throttled); k/m suffixes (default 0 = off)",
+    )
+    faults.add_argument(
+        "--magic-addresses",
+        action="store_true",
+        help="recipients at fault.invalid choose their fault: 450-once+KEY@fault.invalid, "
+        "550@fault.invalid, 421@fault.invalid, delay-2s@fault.invalid, drop@fault.invalid",
+    )
+    faults.add_argument(
+        "--fault-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed the randomness of N%% triggers, for a reproducible run (with --workers, "
+        "every worker gets the same seed)",
+    )
+
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -296,6 +353,12 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         stats_interval=args.stats_interval,
         reuse_port=args.reuse_port,
         report_interval=args.worker_report,
+        faults=tuple(args.fault),
+        delays=tuple(args.delay),
+        drops=tuple(args.drop),
+        throttle=args.throttle,
+        magic_addresses=args.magic_addresses,
+        fault_seed=args.fault_seed,
     )
 
 

@@ -71,6 +71,7 @@ LIMIT_FIELDS = (
     "max_auth_failures",
     "max_session_time",
     "min_data_rate",
+    "throttle",
 )
 
 
@@ -116,8 +117,26 @@ class SinkConfig:
     reuse_port: bool = False
     #: Worker mode (``--workers``): write a JSON line of counters to stdout this often.
     report_interval: float = 0.0
+    # ---- injected faults, for testing clients (grammar: ``mailstorm.wire.faults``) ----------
+    #: Replies to inject: ``"RCPT:450 4.2.0 mailbox busy:10%"``, ``"EOD:452:every=5"``.
+    faults: tuple[str, ...] = ()
+    #: Delays before an answer: ``"EOD:2s"``, ``"RCPT:100ms:5%"``, ``"BANNER:10s"``.
+    delays: tuple[str, ...] = ()
+    #: Connections to close instead of answering: ``"DATA:1%"``, ``"EOD:every=100"``.
+    drops: tuple[str, ...] = ()
+    #: Octets per second each session reads at most (a slow link); 0 = no throttle.
+    throttle: int = 0
+    #: Recipients at ``fault.invalid`` choose their own fault (``450-once+KEY@fault.invalid``).
+    magic_addresses: bool = False
+    #: Seed of the random source behind ``N%`` triggers (None: unpredictable).
+    fault_seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("faults", "delays", "drops"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(spec, str) for spec in value):
+                raise ValueError(f"{name} must be a sequence of spec strings")
+            object.__setattr__(self, name, tuple(value))
         for name in LIMIT_FIELDS:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):

@@ -8,14 +8,20 @@ when a graceful stop closes it, what a stored message's trace headers say) is de
 so that new per-session behaviour has exactly one place to go, as with hypercorn's protocol
 objects driven by a thin trio server.
 
-Rules of this module: no I/O, no awaiting, no clock, no trio. The SMTP protocol itself is the
-sans-IO core's (``mailstorm.wire.server``); this object turns the core's events into actions
-for a driver and counts them in ``SinkStats``.
+Injected faults are chosen by the core (its ``FaultPlan``); here they become actions
+(``Action.DELAY`` with ``delay`` seconds, ``Action.CLOSE`` for a drop), are counted in
+``SinkStats`` and logged, one INFO line each. ``ThrottledSinkProtocol`` adds the link time of
+``--throttle`` to every read as a delay before the read is processed.
+
+Rules of this module: no I/O but those log lines, no awaiting, no clock, no trio. The SMTP
+protocol itself is the sans-IO core's (``mailstorm.wire.server``); this object turns the core's
+events into actions for a driver and counts them in ``SinkStats``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +31,9 @@ from mailstorm.wire import reply_table as R
 from mailstorm.wire.events import (
     AuthAttempt,
     Closed,
+    Delay,
+    Dropped,
+    FaultReplied,
     MessageReceived,
     MessageRefused,
     NeedData,
@@ -39,7 +48,9 @@ from .stats import SinkStats
 from .stores import Store
 from .trace import trace_headers
 
-__all__ = ["Action", "Delivery", "SinkProtocol"]
+__all__ = ["Action", "Delivery", "SinkProtocol", "ThrottledSinkProtocol"]
+
+log = logging.getLogger("mailstorm.sink")
 
 
 class Action(IntEnum):
@@ -60,6 +71,9 @@ class Action(IntEnum):
     START_TLS = auto()
     #: Send what is left, then close the connection.
     CLOSE = auto()
+    #: Wait ``delay`` seconds without sending (the answer being delayed is queued), then send
+    #: and ``advance``. The wait is the server's time: no client deadline runs during it.
+    DELAY = auto()
 
 
 @dataclass(slots=True)
@@ -99,6 +113,7 @@ class SinkProtocol:
         "auth_attempt",
         "auth_limiter",
         "conn",
+        "delay",
         "delivery",
         "hostname",
         "peer_ip",
@@ -132,6 +147,8 @@ class SinkProtocol:
         self.delivery: Delivery | None = None
         #: The credentials an ``Action.CHECK_AUTH`` asks the driver to check.
         self.auth_attempt: AuthAttempt | None = None
+        #: How long an ``Action.DELAY`` asks the driver to wait, in seconds.
+        self.delay = 0.0
         self._stop_reply: Reply | None = None
 
     # ---- the step both drivers call ----------------------------------------------------------
@@ -172,6 +189,20 @@ class SinkProtocol:
             elif kind is StartTLS:
                 return Action.START_TLS
             elif kind is Closed:
+                return Action.CLOSE
+            elif kind is FaultReplied:
+                assert isinstance(event, FaultReplied)
+                self._count_fault(event.point, str(event.code), event.why)
+                if event.point == "EOD":
+                    self.stats.messages_refused += 1
+            elif kind is Delay:
+                assert isinstance(event, Delay)
+                self._count_fault(event.point, "delay", event.why, f" {event.seconds:g}s")
+                self.delay = event.seconds
+                return Action.DELAY
+            elif kind is Dropped:
+                assert isinstance(event, Dropped)
+                self._count_fault(event.point, "drop", event.why)
                 return Action.CLOSE
             else:  # pragma: no cover - the core has no other events
                 raise AssertionError(f"unexpected event {event!r}")
@@ -279,6 +310,10 @@ class SinkProtocol:
             )
         return Delivery(event, trace, queue_id)
 
+    def _count_fault(self, point: str, what: str, why: str, detail: str = "") -> None:
+        self.stats.count_fault(point, what)
+        log.info("injected fault: %s %s%s for %s (%s)", point, what, detail, self.peer_ip, why)
+
     def _count_delivery(self, delivery: Delivery) -> None:
         """The message is stored (or discarded): count it and queue the 250."""
         stats = self.stats
@@ -287,3 +322,44 @@ class SinkProtocol:
         stats.bytes += len(event.content)
         stats.recipients += len(event.envelope.rcpt_tos)
         self.conn.message_stored(delivery.queue_id)
+
+
+class ThrottledSinkProtocol(SinkProtocol):
+    """A session on a slow link (``--throttle``): each read of N octets costs N / ``throttle``
+    seconds, returned as an ``Action.DELAY`` before the read is processed, so the client's
+    octets reach the session at ``throttle`` octets per second at most. Replies are not
+    throttled. Its own class, so that unthrottled sessions pay nothing for it."""
+
+    __slots__ = ("_link_time", "throttle")
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        store: Store,
+        stats: SinkStats,
+        *,
+        peer_ip: str,
+        tls: bool,
+        auth_limiter: AuthFailureLimiter | None = None,
+        throttle: int,
+    ) -> None:
+        super().__init__(
+            policy, store, stats, peer_ip=peer_ip, tls=tls, auth_limiter=auth_limiter
+        )
+        if throttle <= 0:
+            raise ValueError("throttle must be a positive number of octets per second")
+        #: Octets per second.
+        self.throttle = throttle
+        self._link_time = 0.0
+
+    def receive(self, data: bytes | bytearray) -> None:
+        super().receive(data)
+        self._link_time += len(data) / self.throttle
+
+    def advance(self) -> Action:
+        link_time = self._link_time
+        if link_time:
+            self._link_time = 0.0
+            self.delay = link_time
+            return Action.DELAY
+        return super().advance()

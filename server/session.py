@@ -15,7 +15,10 @@ after the content began plus one second per ``min_data_rate`` octets received (a
 mod_reqtimeout MinRate). Time spent storing a message or checking a password is the server's,
 not the client's: no deadline runs then, so a slow store can never turn a stored message into
 a 421 (and a retried duplicate). A session older than ``max_session_time`` ends with 421 after
-its transaction, as a graceful shutdown does.
+its transaction, as a graceful shutdown does. An injected delay (``Action.DELAY``: ``--delay``,
+``--throttle``) is the server's time too: the idle deadline waits while it runs, and during
+message content it does not count against ``min_data_rate``. Only the task carries out a
+delay: the inline handler hands it back without sending the delayed answer.
 
 Resource handling: the connection is closed when ``run`` returns, whatever happened. Error
 handling: a peer that vanishes, resets, or fails the TLS handshake ends the session quietly
@@ -42,11 +45,13 @@ from mailstorm.wire.server import SessionPolicy
 
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
-from .protocol import Action, SinkProtocol
+from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
 from .stats import SinkStats
 from .stores import Store, StoreError
 
 __all__ = ["IdleReaper", "Session", "SessionContext"]
+
+_DELAY = Action.DELAY
 
 log = logging.getLogger("mailstorm.sink")
 
@@ -83,6 +88,8 @@ class SessionContext:
     auth_limiter: AuthFailureLimiter | None = None
     #: Where plain sockets learn readiness (None: through trio's own waits).
     hub: ReadinessHub | None = None
+    #: Octets per second each session reads at most (0: no throttle; ``--throttle``).
+    throttle: int = 0
 
 
 class IdleReaper:
@@ -131,14 +138,34 @@ class Session:
         self.stream: trio.abc.Stream = plain
         self.ctx = ctx
         self.implicit_tls = tls
-        self.protocol = SinkProtocol(
-            ctx.policy,
-            ctx.store,
-            ctx.stats,
-            peer_ip=self.peer_ip,
-            tls=tls,
-            auth_limiter=ctx.auth_limiter,
-        )
+        self.protocol: SinkProtocol
+        #: The stream on which the hub may run ``_on_readable`` (None: never, as a throttled
+        #: session reads and waits in its task).
+        self._inline_stream: SocketTransport | None = plain
+        #: Octets asked for per read.
+        self._read_size = RECEIVE_SIZE
+        if ctx.throttle:
+            self.protocol = ThrottledSinkProtocol(
+                ctx.policy,
+                ctx.store,
+                ctx.stats,
+                peer_ip=self.peer_ip,
+                tls=tls,
+                auth_limiter=ctx.auth_limiter,
+                throttle=ctx.throttle,
+            )
+            self._inline_stream = None
+            # At most a second of link time per read, so the octets arrive evenly.
+            self._read_size = max(1, min(RECEIVE_SIZE, ctx.throttle))
+        else:
+            self.protocol = SinkProtocol(
+                ctx.policy,
+                ctx.store,
+                ctx.stats,
+                peer_ip=self.peer_ip,
+                tls=tls,
+                auth_limiter=ctx.auth_limiter,
+            )
         self._scope = trio.CancelScope()
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
@@ -162,6 +189,7 @@ class Session:
             Action.CHECK_AUTH: self._check_credentials,
             Action.START_TLS: self._start_tls,
             Action.CLOSE: self._close,
+            Action.DELAY: self._delay,
         }
 
     # ---- lifecycle hooks called by the server ------------------------------------------
@@ -238,6 +266,15 @@ class Session:
     async def _close(self) -> None:
         await self._flush()
 
+    async def _delay(self) -> Action:
+        """Wait the protocol's delay (the server's time), then send what it held back."""
+        seconds = self.protocol.delay
+        self.idle_deadline = math.inf
+        await trio.sleep(seconds)
+        if self._content_started >= 0:
+            self._content_started += seconds  # not the client's time either
+        return await self._send()
+
     async def _receive(self) -> Action:
         """Answer everything so far, wait for more input, and return the next action."""
         protocol = self.protocol
@@ -248,11 +285,11 @@ class Session:
         self._waiting_for_input = True
         data: bytes | bytearray | None = None
         try:
-            if self.stream is plain and plain.drained:
+            if self.stream is self._inline_stream and plain.drained:
                 self._resume_action = Action.RECEIVE
                 await plain.wait_inline(self._on_readable)
             else:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.stream.receive_some(self._read_size)
         finally:
             self._waiting_for_input = False
         if data is None:
@@ -340,7 +377,8 @@ class Session:
         self._count_content(len(data))
         protocol.receive(data)
         action = protocol.advance()
-        while True:
+        # A delay is the task's to carry out, and the answer it delays must not leave first.
+        while action is not _DELAY:
             replies = protocol.data_to_send()
             if replies:
                 sent = plain.send_nowait(replies)

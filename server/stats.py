@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SinkStats"]
+__all__ = ["FAULT_KEY_PREFIX", "SinkStats"]
+
+#: Keys of ``SinkStats.snapshot`` that count injected faults by point and kind.
+FAULT_KEY_PREFIX = "faults."
 
 
 @dataclass(slots=True)
@@ -29,17 +32,42 @@ class SinkStats:
     messages_refused: int = 0
     storage_failures: int = 0
     auth_failures: int = 0
+    #: Injected faults (``--fault``, ``--delay``, ``--drop``, magic addresses), by kind.
+    faults_replied: int = 0
+    faults_delayed: int = 0
+    faults_dropped: int = 0
+    #: The same, by point and kind: "RCPT 450", "EOD drop", "BANNER delay".
+    fault_counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)
 
+    def count_fault(self, point: str, what: str) -> None:
+        """One injected fault at ``point``: ``what`` is the reply code, "delay" or "drop"."""
+        if what == "delay":
+            self.faults_delayed += 1
+        elif what == "drop":
+            self.faults_dropped += 1
+        else:
+            self.faults_replied += 1
+        key = f"{point} {what}"
+        self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, int | float]:
-        """The counters as a dict (for JSON, metrics, and tests)."""
-        return {
-            name: getattr(self, name)
-            for name in self.__slots__
-            if not name.startswith("_") and name != "started"
-        } | {"uptime": round(time.monotonic() - self.started, 3)}
+        """The counters as a dict (for JSON, metrics, and tests); the faults by point and kind
+        as flat ``faults.POINT.KIND`` keys (``faults.EOD.452``), so that sums stay simple."""
+        return (
+            {
+                name: getattr(self, name)
+                for name in self.__slots__
+                if not name.startswith("_") and name not in ("started", "fault_counts")
+            }
+            | {
+                f"{FAULT_KEY_PREFIX}{key.replace(' ', '.')}": n
+                for key, n in self.fault_counts.items()
+            }
+            | {"uptime": round(time.monotonic() - self.started, 3)}
+        )
 
     def interval_line(self) -> str:
         """A line of counters, with the message rate since the previous call."""
@@ -52,4 +80,9 @@ class SinkStats:
             f"messages {self.messages}, bytes {self.bytes}, {rate:.1f} msg/s"
             + (f", refused {self.messages_refused}" if self.messages_refused else "")
             + (f", storage failures {self.storage_failures}" if self.storage_failures else "")
+            + (f", faults {self.faults_line()}" if self.fault_counts else "")
         )
+
+    def faults_line(self) -> str:
+        """The injected faults by point and kind: "EOD 452 x20, RCPT delay x3"."""
+        return ", ".join(f"{key} x{n}" for key, n in sorted(self.fault_counts.items()))

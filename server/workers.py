@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from .config import Address
+from .stats import FAULT_KEY_PREFIX
 
 __all__ = ["WorkerSupervisor", "reserve_ports"]
 
@@ -58,9 +59,18 @@ _SUMMED = (
     "messages_refused",
     "storage_failures",
     "auth_failures",
+    "faults_replied",
+    "faults_delayed",
+    "faults_dropped",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)
+
+
+def _summed_names(snapshot: dict[str, float]) -> list[str]:
+    """The counters of a worker's report that are summed: ``_SUMMED`` and the injected faults
+    by point and kind (``faults.EOD.452``), whose names depend on the faults configured."""
+    return [*_SUMMED, *(name for name in snapshot if name.startswith(FAULT_KEY_PREFIX))]
 
 
 def reserve_ports(addresses: Sequence[Address]) -> tuple[list[Address], list[socket.socket]]:
@@ -108,17 +118,23 @@ class WorkerSupervisor:
         """Counters summed over the workers, including those of workers that were replaced."""
         totals = dict(self._retired)
         for snapshot in self._current:
-            for name in _SUMMED:
-                totals[name] += snapshot.get(name, 0)
+            for name in _summed_names(snapshot):
+                totals[name] = totals.get(name, 0) + snapshot.get(name, 0)
         return totals
 
     def totals_line(self) -> str:
         t = self.totals()
+        faults = ", ".join(
+            f"{name.removeprefix(FAULT_KEY_PREFIX).replace('.', ' ')} x{int(n)}"
+            for name, n in sorted(t.items())
+            if name.startswith(FAULT_KEY_PREFIX)
+        )
         return (
             f"{self.count} workers: sessions {int(t['sessions_active'])} active / "
             f"{int(t['sessions_total'])} total, messages {int(t['messages'])}, "
             f"bytes {int(t['bytes'])}"
             + (f", worker restarts {self.restarts}" if self.restarts else "")
+            + (f", faults {faults}" if faults else "")
         )
 
     # ---- running ---------------------------------------------------------------------------
@@ -236,9 +252,9 @@ class WorkerSupervisor:
     def _retire(self, index: int) -> None:
         """Keep the counters of a worker that exited; its sessions are no longer active."""
         snapshot = self._current[index]
-        for name in _SUMMED:
+        for name in _summed_names(snapshot):
             if name not in _GAUGES:
-                self._retired[name] += snapshot.get(name, 0)
+                self._retired[name] = self._retired.get(name, 0) + snapshot.get(name, 0)
         self._current[index] = {}
 
     async def _report(self, interval: float) -> None:
