@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import trio
 
-from mailstorm._net.readiness import ReadinessHub
+from mailstorm._net.readiness import open_readiness_hub
 from mailstorm.load.config import ConfigError, LoadConfig
 from mailstorm.load.schedule import MessageTickets, OpenLoopSchedule, session_start_offset
 from mailstorm.load.session import LoadSession, SessionContext
@@ -153,11 +153,8 @@ async def run_load(
     )
     sessions = config.sessions_for(worker, workers)
     try:
-        async with trio.open_nursery() as outer:
-            # The readiness hub serves every session's socket: it lives as long as they do.
-            ctx.hub = ReadinessHub.create()
-            if ctx.hub is not None:
-                await outer.start(ctx.hub.run)
+        # The readiness hub serves every session's socket: it lives as long as they do.
+        async with open_readiness_hub() as ctx.hub, trio.open_nursery() as outer:
             if on_progress is not None:
                 outer.start_soon(_progress_loop, stats, config.progress_interval, on_progress)
             outer.start_soon(_sample_loop_lag, stats)

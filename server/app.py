@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import trio
 
 from mailstorm._net.netstream import SocketTransport
-from mailstorm._net.readiness import ReadinessHub
+from mailstorm._net.readiness import open_readiness_hub
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.faults import FaultPlan, FaultSpecError
 from mailstorm.wire.server import SessionPolicy
@@ -180,12 +180,8 @@ class SinkServer:
         self.tls_addresses = [_bound(lst) for lst in tls]
         try:
             # The readiness hub serves every session's socket, so it outlives the sessions.
-            async with trio.open_nursery() as hub_nursery:
-                hub = self._ctx.hub = ReadinessHub.create()
-                if hub is not None:
-                    await hub_nursery.start(hub.run)
+            async with open_readiness_hub() as self._ctx.hub:
                 await self._serve_sessions(listeners, task_status)
-                hub_nursery.cancel_scope.cancel()
             if self.config.report_interval > 0:
                 # The final counts: the supervisor's totals are exact after a graceful stop.
                 self._report_counters()

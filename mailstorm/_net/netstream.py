@@ -14,13 +14,19 @@ Readiness: given a ``ReadinessHub`` (``mailstorm._net.readiness``), the stream l
 socket is readable or writable from the hub's edge-triggered epoll set, registered once,
 instead of re-arming trio's one-shot registration (an ``epoll_ctl`` system call) on every wait.
 
+Every receive reports to the hub's state what it proved (``Readiness.after_read``): only a
+read that found the socket empty lets a reader park; see the invariant in
+``mailstorm._net.readiness``.
+
 Inline mode (with a hub): a reader that has found the socket empty may leave the next
 arrivals to a synchronous handler run on the hub's turn (``wait_inline``), which reads and
-writes with ``receive_nowait`` and ``send_nowait``; see ``mailstorm._net.readiness``.
+writes with ``receive_nowait`` and ``send_nowait``; the handler contract is in
+``mailstorm._net.readiness``.
 
-Fairness: a read that finds data waiting does not yield, so a peer streaming a large body
-could keep its task running; every ``FAIRNESS_READS`` such reads in a row, the stream yields
-once. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
+Fairness: a read that finds data waiting and a send that fits the socket buffer do not yield,
+so a peer streaming a large body, or one far ahead of its replies, could keep its task running;
+after ``FAIRNESS_STEPS`` such operations in a row (reads and sends together), the next one
+yields once first. It is a ``trio.abc.Stream``, so ``trio.SSLStream`` wraps it for TLS.
 
 It never parses SMTP and never times anything. Errors: a reset or vanished peer raises
 ``trio.BrokenResourceError``, as trio's own streams do.
@@ -38,25 +44,26 @@ import trio
 
 from .readiness import ReadinessHub
 
-__all__ = ["RECEIVE_SIZE", "SocketTransport"]
+__all__ = ["FAIRNESS_STEPS", "RECEIVE_SIZE", "SocketTransport"]
 
 #: Bytes asked of the kernel per receive: a whole pipelined group or a large DATA block.
 RECEIVE_SIZE = 65536
-#: Receives that found data waiting, in a row, before yielding to other tasks once.
-FAIRNESS_READS = 16
+#: Reads and sends that completed without waiting, in a row, before yielding to others once.
+FAIRNESS_STEPS = 16
 
 
 class SocketTransport(trio.abc.Stream):
     """A ``trio.abc.Stream`` over a connected, non-blocking stdlib socket it owns."""
 
-    __slots__ = ("_eager_reads", "_hub", "_just_sent", "_readiness", "_sock")
+    __slots__ = ("_hub", "_just_sent", "_readiness", "_sock", "_unyielded")
 
     def __init__(self, sock: socket.socket, hub: ReadinessHub | None = None) -> None:
         sock.setblocking(False)
         # Replies (and pipelined command groups) must not wait for Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        self._eager_reads = 0
+        #: Reads and sends in a row that completed without yielding (see ``FAIRNESS_STEPS``).
+        self._unyielded = 0
         self._just_sent = False
         #: With a hub, readiness comes from its edge-triggered epoll set (see
         #: ``mailstorm._net.readiness``); without one, from trio's own waits.
@@ -94,6 +101,8 @@ class SocketTransport(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._sock
+        if self._unyielded >= FAIRNESS_STEPS:
+            await self._yield_once()  # before the send: a cancelled send_all sent nothing
         self._just_sent = True
         try:
             sent = sock.send(data)
@@ -102,9 +111,11 @@ class SocketTransport(trio.abc.Stream):
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if sent == len(data):
+            self._unyielded += 1
             return  # the usual case: the whole write fit in the socket buffer
         view = memoryview(data)[sent:]
         while view:
+            self._unyielded = 0
             await self._wait_writable()
             try:
                 view = view[sock.send(view) :]
@@ -127,28 +138,34 @@ class SocketTransport(trio.abc.Stream):
         readiness = self._readiness
         if self._just_sent:
             self._just_sent = False
-            self._eager_reads = 0
             if readiness is None:
+                self._unyielded = 0
                 await trio.lowlevel.wait_readable(sock)
             elif not readiness.readable:
+                self._unyielded = 0
                 await readiness.wait_readable()
-        elif self._eager_reads >= FAIRNESS_READS:
-            self._eager_reads = 0
-            await trio.lowlevel.checkpoint()
+        if self._unyielded >= FAIRNESS_STEPS:
+            await self._yield_once()
         while (data := self.receive_nowait(size)) is None:
-            self._eager_reads = 0
+            self._unyielded = 0
             if readiness is None:
                 await trio.lowlevel.wait_readable(sock)
             else:
                 await readiness.wait_readable()
-        self._eager_reads += 1
+        self._unyielded += 1
         return data
+
+    async def _yield_once(self) -> None:
+        """Let other tasks run (and a cancellation in): this task has not waited for a while."""
+        self._unyielded = 0
+        await trio.lowlevel.checkpoint()
 
     # ---- the inline mode: a reader that runs on the readiness hub's turn ---------------------
 
     @property
     def drained(self) -> bool:
-        """Whether a read found the socket empty since its last arrival (only with a hub)."""
+        """Whether a read proved the socket empty since its last arrival (only with a hub):
+        a reader may then park, and a later arrival wakes it."""
         readiness = self._readiness
         return readiness is not None and not readiness.readable
 
@@ -157,30 +174,32 @@ class SocketTransport(trio.abc.Stream):
 
         Only while ``drained``: input already waiting would announce no new edge. ``handler``
         reads with ``receive_nowait`` and answers with ``send_nowait``; it returns True to sleep
-        on, False to wake this task. An error it raises is raised here.
+        on, False to wake this task. An error it raises (any ``BaseException``) is raised here.
+        It follows the handler contract of ``mailstorm._net.readiness``.
         """
         readiness = self._readiness
         assert readiness is not None and not readiness.readable, "wait_inline needs drained"
-        self._eager_reads = 0
+        self._unyielded = 0
         await readiness.wait_readable(handler)
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         """One receive that never waits: None when nothing is there yet.
 
-        With a hub, a receive that finds the socket drained (nothing, or less than asked for)
-        says so in ``Readiness.readable``: the next arrival is a new edge, seen by the hub.
+        With a hub, what the receive proved goes to ``Readiness.after_read``: a receive that
+        found the socket empty (nothing, or less than asked for) makes it ``drained``, and the
+        next arrival is a new edge, seen by the hub; a full one leaves the state as it was.
         """
         readiness = self._readiness
         try:
             data = self._sock.recv(max_bytes)
         except BlockingIOError:
             if readiness is not None:
-                readiness.readable = readiness.hangup
+                readiness.after_read(None, max_bytes)
             return None
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if readiness is not None and len(data) < max_bytes:
-            readiness.readable = readiness.hangup
+        if readiness is not None:
+            readiness.after_read(len(data), max_bytes)
         return data
 
     def send_nowait(self, data: bytes) -> int:

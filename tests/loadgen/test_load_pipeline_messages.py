@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import TaskSteps
 from load_fixtures import run_bounded as run
 
+from mailstorm._net.readiness import hub_enabled
 from mailstorm.load.config import LoadConfig
 from mailstorm.load.schedule import MessageTickets, OpenLoopSchedule
 
@@ -142,6 +144,7 @@ async def test_own_sink_stores_every_message_exactly(
     assert sum(1 for p in (maildir / "new").iterdir() if p.is_file()) == 120
 
 
+@pytest.mark.skipif(not hub_enabled(), reason="the readiness hub is off (no epoll, or NO_HUB)")
 async def test_a_chain_of_messages_is_served_without_waking_the_session_task(
     fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
