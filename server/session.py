@@ -17,8 +17,9 @@ not the client's: no deadline runs then, so a slow store can never turn a stored
 a 421 (and a retried duplicate). A session older than ``max_session_time`` ends with 421 after
 its transaction, as a graceful shutdown does. An injected delay (``Action.DELAY``: ``--delay``,
 ``--throttle``) is the server's time too: the idle deadline waits while it runs, and during
-message content it does not count against ``min_data_rate``. Only the task carries out a
-delay: the inline handler hands it back without sending the delayed answer.
+message content it does not count against ``min_data_rate``; a graceful stop ends it at once
+outside a transaction (a tarpit does not hold a shutdown). Only the task carries out a delay:
+the inline handler hands it back without sending the delayed answer.
 
 Resource handling: the connection is closed when ``run`` returns, whatever happened. Error
 handling: a peer that vanishes, resets, or fails the TLS handshake ends the session quietly
@@ -172,6 +173,8 @@ class Session:
         #: When this session has lasted too long (trio clock); watched by ``IdleReaper``.
         self.end_deadline = math.inf
         self._waiting_for_input = False
+        #: In an injected delay: outside a transaction, a graceful stop need not wait for it.
+        self._delaying = False
         #: While message content is read: when it began, and octets received since.
         self._content_started = -1.0
         self._content_bytes = 0
@@ -198,7 +201,7 @@ class Session:
         """Graceful shutdown: an idle session stops now, a busy one after its transaction."""
         protocol = self.protocol
         protocol.stop(reply or R.shutting_down(self.ctx.policy.hostname))
-        if self._waiting_for_input and not protocol.in_transaction:
+        if (self._waiting_for_input or self._delaying) and not protocol.in_transaction:
             self._scope.cancel()
 
     def force_stop(self) -> None:
@@ -270,7 +273,11 @@ class Session:
         """Wait the protocol's delay (the server's time), then send what it held back."""
         seconds = self.protocol.delay
         self.idle_deadline = math.inf
-        await trio.sleep(seconds)
+        self._delaying = True
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self._delaying = False
         if self._content_started >= 0:
             self._content_started += seconds  # not the client's time either
         return await self._send()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import smtplib
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 import trio
 from conftest import TEST_TIMEOUT, SMTPClient
 
-from mailstorm.sink import SinkServer
+from mailstorm.sink import ConfigError, SinkConfig, SinkServer
 from mailstorm.sink.workers import WorkerSupervisor
 
 Connect = Callable[..., Awaitable[SMTPClient]]
@@ -156,6 +158,26 @@ async def test_a_banner_delay_sends_nothing_before_it_ends(
     assert (await client.cmd("EHLO c.test")).code == 250
 
 
+async def test_a_graceful_stop_does_not_wait_for_a_tarpit(
+    start_sink: StartSink, connect: Connect
+) -> None:
+    # Without interrupting the delay the client would wait a minute (the grace period, and
+    # the delay): longer than TEST_TIMEOUT, so the test would fail.
+    server = await start_sink(delays=("BANNER:60s",), grace_period=60)
+    client = await connect(server.addresses[0], banner=False)
+    while not server.stats.faults_delayed:
+        await trio.sleep(0.01)
+    server.shutdown()
+    replies = []
+    with trio.fail_after(TEST_TIMEOUT):
+        while True:
+            try:
+                replies.append((await client.reply()).code)
+            except EOFError:
+                break
+    assert replies == [220, 421]
+
+
 async def test_rcpt_delay_inside_a_pipelined_group(
     start_sink: StartSink, connect: Connect
 ) -> None:
@@ -284,6 +306,17 @@ async def test_each_fault_is_logged_once_at_info(
     assert lines[0].startswith("injected fault: NOOP 450 for 127.0.0.1 (fault 'NOOP:450:every=2')")
 
 
+def test_config_takes_spec_lists_and_refuses_bad_specs() -> None:
+    config = SinkConfig(faults=["EOD:452"], delays=["RCPT:1s"])  # type: ignore[arg-type]
+    assert config.faults == ("EOD:452",) and config.delays == ("RCPT:1s",)
+    with pytest.raises(ValueError, match="sequence of spec strings"):
+        SinkConfig(faults="EOD:452")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="throttle must be a non-negative number"):
+        SinkConfig(throttle=-1)
+    with pytest.raises(ConfigError, match=r"^bad --drop 'EOD:every=x': unknown point"):
+        SinkServer.from_config(SinkConfig(drops=("EOD:every=x",)))
+
+
 def test_bad_specs_are_one_line_cli_errors() -> None:
     for option, spec, problem in [
         ("--fault", "RCPT:650", "reply code 650 is not a failure"),
@@ -360,3 +393,39 @@ async def test_postfix_smtp_source_through_delays(
     assert result.returncode == 0, result.stderr
     assert server.stats.fault_counts == {"RCPT delay": 10, "EOD delay": 4}
     assert server.stats.messages == 20 and stored(folder) == 20
+
+
+def test_every_worker_injects_the_faults(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "mailstorm.sink", "--workers", "2", "--listen", "127.0.0.1:0",
+             "--fault", "EOD:452", "--delay", "EHLO:10ms"],
+            stderr=stderr, start_new_session=True,
+        )
+    try:
+        port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        _wait_for(log, r"2 workers serving")
+        for i in range(10):
+            with smtplib.SMTP("127.0.0.1", port, timeout=TEST_TIMEOUT) as smtp:
+                with pytest.raises(smtplib.SMTPDataError) as refused:
+                    smtp.sendmail("s@example.com", ["r@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
+                assert refused.value.smtp_code == 452
+    finally:
+        os.killpg(sink.pid, signal.SIGTERM)
+        sink.wait(timeout=60)
+    assert sink.returncode == 0, log.read_text()
+    # The supervisor's final line sums the workers' counters.
+    stopped = _wait_for(log, r"stopped: 2 workers: .*").group(0)
+    assert "messages 0," in stopped
+    assert "faults EHLO delay x10, EOD 452 x10" in stopped, stopped
+
+
+def _wait_for(path: Path, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, path.read_text())
+        if m:
+            return m
+        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
+        time.sleep(0.05)
