@@ -363,8 +363,15 @@ class ServerConnection:
         self.greeting = "ESMTP"
         self.auth_user = None
         self.envelope = None
-        self.phase = Phase.CONNECTED
-        self.mode = Mode.COMMAND
+        if self.phase is not Phase.NO_SERVICE:
+            self.phase = Phase.CONNECTED
+        # Implicit TLS: the banner's injected fault (a delay or reply held, a drop) outlives
+        # the handshake, which comes before the banner is sent.
+        if self.mode is Mode.HELD:
+            if self._held_mode is not Mode.CLOSED:
+                self._held_mode = Mode.COMMAND
+        elif self.mode is not Mode.CLOSED:
+            self.mode = Mode.COMMAND
 
     def close(self, reply: Reply | None = None) -> None:
         """End the session, optionally queueing a last reply (421 on shutdown or timeout)."""

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import TEST_TIMEOUT, SMTPClient
+from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles
 
-from mailstorm.sink import ConfigError, SinkConfig, SinkServer
+from mailstorm.sink import Address, ConfigError, SinkConfig, SinkServer
 from mailstorm.sink.workers import WorkerSupervisor
 
 Connect = Callable[..., Awaitable[SMTPClient]]
@@ -156,6 +156,25 @@ async def test_a_banner_delay_sends_nothing_before_it_ends(
     assert server.stats.faults_delayed == 1
     assert (await client.reply()).code == 220
     assert (await client.cmd("EHLO c.test")).code == 250
+
+
+async def test_a_banner_delay_on_implicit_tls(
+    start_sink: StartSink, tls_files: TLSFiles
+) -> None:
+    server = await start_sink(tls_listen=(Address("127.0.0.1", 0),), tls_cert=str(tls_files.cert),
+                              tls_key=str(tls_files.key), delays=("BANNER:1.5s",),
+                              command_timeout=0.3)
+    client = await SMTPClient.connect(server.tls_addresses[0])
+    try:
+        await client.starttls(tls_files.client_context())
+        with trio.move_on_after(0.5):
+            data = await client.stream.receive_some(100)
+            pytest.fail(f"the banner came before its delay: {data!r}")
+        assert (await client.reply()).code == 220
+        assert (await client.cmd("EHLO c.test")).code == 250
+    finally:
+        await client.aclose()
+    assert server.stats.fault_counts == {"BANNER delay": 1}
 
 
 async def test_a_graceful_stop_does_not_wait_for_a_tarpit(

@@ -292,6 +292,22 @@ def test_banner_delay_fault_and_drop() -> None:
     assert isinstance(conn.next_event(), Closed)
 
 
+def test_banner_faults_outlive_an_implicit_tls_handshake() -> None:
+    conn = ServerConnection(SessionPolicy(faults=plan(delays=("BANNER:3s",))), tls_active=True)
+    conn.tls_started()  # implicit TLS: the handshake comes before the banner leaves
+    assert isinstance(conn.next_event(), Delay)
+    assert conn.data_to_send().startswith(b"220 ")
+    conn = ServerConnection(SessionPolicy(faults=plan(drops=("BANNER",))), tls_active=True)
+    conn.tls_started()
+    assert isinstance(conn.next_event(), Dropped)
+    assert isinstance(conn.next_event(), Closed)
+    conn = ServerConnection(SessionPolicy(faults=plan("BANNER:554")), tls_active=True)
+    conn.tls_started()
+    assert isinstance(conn.next_event(), FaultReplied)
+    events_for(conn, b"EHLO c\r\n")
+    assert conn.data_to_send().endswith(b"503 5.5.1 Error: no SMTP service here, send QUIT\r\n")
+
+
 def test_drop_at_data_closes_once_content_arrives() -> None:
     conn = connection(plan(drops=("DATA",)))
     events = events_for(conn, TRANSACTION)
