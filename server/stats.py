@@ -28,7 +28,8 @@ class SinkStats:
     #: Octets of message content accepted (after unstuffing, before trace headers).
     bytes: int = 0
     recipients: int = 0
-    #: Messages refused by policy (size, bare LF) or lost to a storage failure.
+    #: Messages refused by policy (size, bare LF), by an injected fault at the end of data, or
+    #: lost to a storage failure.
     messages_refused: int = 0
     storage_failures: int = 0
     auth_failures: int = 0
