@@ -49,11 +49,12 @@ The handler contract (the one statement of it; the shells' handlers point here).
 - never blocks and never awaits: it is synchronous code run on the hub's turn, between other
   sessions' handlers;
 - uses no context variables and nothing that asks trio for "the current task": that is the
-  hub's task, not the session's (so no cancel scopes, no ``trio.current_time`` deadlines of
-  its own; reading the clock is fine);
+  hub's task, not the session's (so it opens no cancel scope and sets no deadline; reading
+  the clock with ``trio.current_time`` is fine);
 - does at most one read per edge (``receive_nowait``) and wakes its task when that read did
   not drain the socket (``drained`` is False), so that one peer cannot hold the hub;
-- may write (``send_nowait``), close its socket, and cancel scopes; the hub copes.
+- may write (``send_nowait``), close its socket, and cancel existing scopes (its own task's
+  included); the hub copes, as below.
 
 Where errors go: anything a handler raises, ``BaseException`` included, is raised in the
 waiting task (it was the task's code that failed, and the hub serves every other session);
