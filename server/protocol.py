@@ -56,7 +56,8 @@ log = logging.getLogger("mailstorm.sink")
 class Action(IntEnum):
     """What the driver must do next. Before each, it sends ``data_to_send()`` when there is any
     (for ``DELIVER`` and ``CHECK_AUTH`` it may wait, so that a pipelined group's replies leave
-    in one send with the reply that follows)."""
+    in one send with the reply that follows), except before ``DELAY``: what is queued then
+    includes the delayed answer, and nothing may leave until the wait is over."""
 
     #: Everything buffered is answered: wait for more input and ``receive`` it.
     RECEIVE = auto()
