@@ -321,6 +321,8 @@ async def test_open_sink_injects_faults_exactly() -> None:
         f"s{n}@example.test" for n in (0, 1, 2, 3, 5, 6, 7, 8)
     ]
     assert sink.stats.messages == 8
+    assert sink.stats.faults_replied == 2
+    assert sink.stats.fault_counts == {"EOD 452": 2}
 
 
 @needs_faults
@@ -365,3 +367,17 @@ def test_records_stay_readable_after_the_sink_stopped() -> None:
         sink.wait_for(1, timeout=TEST_TIMEOUT)
     (record,) = sink.messages
     assert record.message["X-Second"] == "café"
+
+
+@needs_faults
+def test_a_retrying_client_against_a_magic_address() -> None:
+    """450-once+KEY@fault.invalid refuses the first attempt for KEY and accepts the retry."""
+    rcpt = "450-once+order-17@fault.invalid"
+    with SinkThread(magic_addresses=True) as sink:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            send(sink.address, rcpts=(rcpt,))
+        assert refused.value.recipients[rcpt][0] == 450
+        assert sink.messages == []
+        send(sink.address, rcpts=(rcpt,))
+        (record,) = sink.wait_for(1, timeout=TEST_TIMEOUT)
+    assert record.rcpt_tos == [rcpt]
