@@ -299,10 +299,14 @@ class ServerConnection:
         """Process buffered input until an event for the driver comes up.
 
         Before each step it checks the unsent replies against their bound: at or over it,
-        ``OutputFull`` is returned and nothing more is parsed until ``data_to_send``.
+        ``OutputFull`` is returned and nothing more is parsed until ``data_to_send``. Held
+        events (``Mode.HELD``, such as a delay owed before the queued replies may leave) come
+        out first: they parse nothing, and sending first would defeat the delay.
         """
         while True:
-            if self._unsent >= self._unsent_bound and self.mode is not Mode.CLOSED:
+            if self._unsent >= self._unsent_bound and (
+                self.mode is not Mode.CLOSED and self.mode is not Mode.HELD
+            ):
                 return OutputFull
             event = _READERS[self.mode](self)
             if event is not None:

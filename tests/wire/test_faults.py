@@ -338,6 +338,19 @@ def test_eod_delay_holds_the_250_after_the_store() -> None:
     assert conn.next_event() is NeedData
 
 
+def test_a_held_delay_comes_before_output_full() -> None:
+    # 150 queued replies of 30 octets are over the 4 KiB bound when the EOD delay is owed.
+    conn = ServerConnection(SessionPolicy(faults=plan(delays=("EOD:1s",))))
+    conn.data_to_send()
+    events_for(conn, TRANSACTION)
+    conn.data_to_send()
+    assert isinstance(events_for(conn, BODY)[0], MessageReceived)
+    conn._out.extend([b"250 2.0.0 OK padding padding\r\n"] * 150)
+    conn._unsent += 30 * 150
+    conn.message_stored("Q")
+    assert isinstance(conn.next_event(), Delay)
+
+
 def test_syntax_and_sequence_errors_come_before_faults() -> None:
     conn = connection(plan("RCPT:450", "MAIL:451"))
     events_for(conn, b"EHLO c\r\nRCPT TO:<r@x>\r\nMAIL FROM:bad\r\n")
