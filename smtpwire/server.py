@@ -227,13 +227,6 @@ _HELP_TOPICS: dict[str, str] = {
     "AUTH": "AUTH PLAIN|LOGIN [initial-response]",
     "STARTTLS": "STARTTLS",
 }
-_HELP_ALL = Reply(
-    214,
-    "2.0.0",
-    "Commands supported:",
-    " ".join(_HELP_TOPICS),
-    "For information on a command, send HELP command",
-)
 _HELP_REPLIES = {verb: Reply(214, "2.0.0", text) for verb, text in _HELP_TOPICS.items()}
 _HELP_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
 
@@ -880,10 +873,7 @@ class ServerConnection:
         if self._junk_command():
             return None
         topic = (arg or "").strip().upper()
-        if not topic:
-            self._reply(_HELP_ALL)
-        else:
-            self._reply(_HELP_REPLIES.get(topic, _HELP_UNKNOWN))
+        self._reply(_help_replies(self.policy, self.tls_active).get(topic, _HELP_UNKNOWN))
         return None
 
     def _starttls(self, arg: str | None) -> Event | None:
@@ -976,6 +966,27 @@ class ServerConnection:
 def _ehlo_reply(policy: SessionPolicy, tls_active: bool) -> Reply:
     """The EHLO reply, built once per policy and TLS state (its wire bytes cached with it)."""
     return Reply(250, None, policy.hostname, *policy.ehlo_keywords(tls_active))
+
+
+@cache
+def _help_replies(policy: SessionPolicy, tls_active: bool) -> dict[str, Reply]:
+    """HELP's answers for a session in this TLS state, by topic ("" for the list): AUTH and
+    STARTTLS only where they are offered, as in the EHLO reply."""
+    verbs = [
+        verb
+        for verb in _HELP_TOPICS
+        if (verb != "AUTH" or policy.auth_offered(tls_active))
+        and (verb != "STARTTLS" or (policy.tls_available and not tls_active))
+    ]
+    replies = {verb: _HELP_REPLIES[verb] for verb in verbs}
+    replies[""] = Reply(
+        214,
+        "2.0.0",
+        "Commands supported:",
+        " ".join(verbs),
+        "For information on a command, send HELP command",
+    )
+    return replies
 
 
 def _check_mail_param(key: str, value: str | None, max_size: int) -> Reply | None:

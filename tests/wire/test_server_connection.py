@@ -448,3 +448,28 @@ def test_overlong_auth_response_is_refused_once_and_its_tail_never_runs() -> Non
     assert d.feed(b"B" * 20000 + b"QUIT\r\n") == []
     assert not d.closed  # "QUIT" was part of the dropped line, not a command
     assert d.one("NOOP") == "250 2.0.0 OK"
+
+
+@pytest.mark.parametrize(
+    ("auth", "tls_available", "tls_active", "listed"),
+    [
+        (False, False, False, set()),
+        (True, False, False, {"AUTH"}),
+        (True, True, False, {"STARTTLS"}),  # AUTH only after STARTTLS
+        (True, True, True, {"AUTH"}),
+        (False, True, False, {"STARTTLS"}),
+    ],
+)
+def test_help_lists_auth_and_starttls_only_where_offered(
+    auth: bool, tls_available: bool, tls_active: bool, listed: set[str]
+) -> None:
+    policy = replace(POLICY, auth_enabled=auth, tls_available=tls_available)
+    driver = Driver(policy, tls=tls_active)
+    (reply,) = driver.feed("HELP\r\n")
+    assert reply.startswith("214 ")
+    commands = set(reply.split("|")[1].split())
+    assert {"MAIL", "RCPT", "DATA", "QUIT"} <= commands
+    assert commands & {"AUTH", "STARTTLS"} == listed
+    for verb in ("AUTH", "STARTTLS"):
+        (topic,) = driver.feed(f"HELP {verb}\r\n")
+        assert topic.startswith("214" if verb in listed else "504"), topic
