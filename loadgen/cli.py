@@ -54,7 +54,19 @@ each message's scheduled start, so a stalled server shows in the percentiles
 to its end of data.
 
 TARGET is HOST:PORT, smtp://HOST:PORT, smtps://HOST:PORT (TLS from the first byte),
-lmtp://HOST:PORT, or [IPv6]:PORT."""
+lmtp://HOST:PORT, or [IPv6]:PORT. A target without a port needs --port or a scheme
+(smtp://HOST is port 25, smtps:// 465, lmtp:// 24): a bare host is an error.
+
+Failing targets: before the run one probe connection is made; if it is refused or times out,
+the run does not start (one line on stderr, exit status 4, no report). During the run, a
+session whose connection fails (refused, reset, timeout, TLS error, 421) backs off before it
+connects again: a random wait between MIN and a ceiling that starts at MIN and doubles with
+each failed connection in a row, up to MAX (--backoff, default 0.1:5 seconds). In closed loop
+the session waits; in open loop the schedule goes on and each message due while its session
+backs off fails at its scheduled time (error kind "backoff"). When the server ends a
+connection between messages (a 421, or a close: limits on messages per connection, idle
+timeouts), the session reconnects at once and sends the message again; the report counts these
+reconnects by reason."""
 
 EPILOG = """\
 examples:
@@ -74,10 +86,36 @@ durations (800us, 50ms, 2s); error_rate (0.001 or 0.1%%); errors, errors(KIND or
 failed, delivered, attempted, msg_rate, mb_rate; combined with and, or, not, parentheses.
 
 exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 3 no message was
-delivered at all, 130 interrupted."""
+delivered at all, 4 target unreachable (the probe before the run could not connect; no
+report), 130 interrupted."""
 
 #: Exit status of a run in which every attempted message failed.
 NOTHING_DELIVERED = 3
+#: Exit status when the probe before the run could not connect: the run did not start.
+TARGET_UNREACHABLE = 4
+
+
+def _backoff(text: str) -> tuple[float, float]:
+    """``MIN:MAX`` seconds (``0`` turns back-off off)."""
+    low_text, sep, high_text = text.partition(":")
+    try:
+        low = seconds(low_text.strip())
+        high = seconds(high_text.strip()) if sep else low
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MIN:MAX seconds, such as 0.1:5"
+        ) from None
+    if high < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: MAX must not be less than MIN")
+    if high > MAX_BACKOFF:
+        raise argparse.ArgumentTypeError(f"{text!r}: MAX is at most {MAX_BACKOFF:g} seconds")
+    if high > 0 and low == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN must be more than 0 (or 0:0 for off)")
+    return low, high
+
+
+#: The longest back-off --backoff accepts, in seconds.
+MAX_BACKOFF = 3600.0
 
 
 def _rate(text: str) -> float:
@@ -98,6 +136,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", metavar="TARGET", help="server to load (see above)")
+    p.add_argument(
+        "--port",
+        type=_port,
+        metavar="PORT",
+        help="the port, for a TARGET written without one",
+    )
     g = p.add_argument_group("load shape")
     g.add_argument(
         "--sessions",
@@ -154,6 +198,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default=30.0,
         metavar="S",
         help="seconds to wait for each reply (and to connect) (default: 30)",
+    )
+    g.add_argument(
+        "--backoff",
+        type=_backoff,
+        default=(0.1, 5.0),
+        metavar="MIN:MAX",
+        help="after a failed connection, wait a random time between MIN and a ceiling "
+        "doubling from MIN with each failure in a row, up to MAX seconds (default 0.1:5; "
+        "0:0 turns it off)",
     )
     g = p.add_argument_group("messages")
     g.add_argument(
@@ -280,9 +333,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to {MAX_PORT})")
+    return value
+
+
+MAX_PORT = 65535
+
+
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """Validate the parsed options; raises ConfigError, WorkloadError or FailIfError."""
-    target = parse_target(args.target)
+    target = parse_target(args.target, args.port)
     size_mix = parse_size_mix(args.size)
     if args.eml and args.size != "1k":
         raise ConfigError("--eml and --size exclude each other")
@@ -328,6 +391,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         duration=duration,
         source_addresses=list(args.source_address),
         progress_interval=min(args.progress_interval or 1.0, 1.0),
+        backoff_min=args.backoff[0],
+        backoff_max=args.backoff[1],
     )
     return LoadConfig.from_options(target, **options)
 
@@ -391,6 +456,17 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     warning = ephemeral_port_warning(config.sessions, len(config.source_addresses))
     if warning:
         err.print(f"warning: {warning}", markup=False)
+    from mailstorm.load.probe import TargetUnreachable, probe_target
+
+    try:
+        source = config.source_addresses[0] if config.source_addresses else None
+        probe_target(config.target, config.timeout, source)
+    except TargetUnreachable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return TARGET_UNREACHABLE
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
 
     display = None
     if not config.quiet:
@@ -441,7 +517,9 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
             "failed": failed_gate,
             "explanation": explanation,
         }
-    report = build_report(config, stats, fail_if=fail_if_result, started_at=started_at)
+    report = build_report(
+        config, stats, fail_if=fail_if_result, started_at=started_at, probe_connections=1
+    )
     render_table(report, Console(highlight=False))
     if config.json_path:
         write_json(report, config.json_path)

@@ -41,12 +41,18 @@ class Target:
         return f"{scheme}://{host}:{self.port}"
 
 
-def parse_target(text: str) -> Target:
+def parse_target(text: str, port: int | None = None) -> Target:
     """``HOST:PORT``, ``smtp://HOST:PORT``, ``smtps://HOST:PORT``, ``lmtp://HOST:PORT``;
-    IPv6 literals in brackets. Without a port: 25, 465 or 24 by scheme."""
+    IPv6 literals in brackets.
+
+    Without a port in the text, ``port`` (``--port``) says which; failing that, a scheme
+    means its standard port (25, 465 or 24), and a bare host is an error: a load generator
+    that silently hits port 25 of the wrong machine is worse than one that asks.
+    """
     original = text
     scheme = "smtp"
-    if "://" in text:
+    has_scheme = "://" in text
+    if has_scheme:
         scheme, _, text = text.partition("://")
         scheme = scheme.lower()
         if scheme not in _SCHEMES:
@@ -75,12 +81,19 @@ def parse_target(text: str) -> Target:
     if port_text == "":
         if ":" in text and not text.startswith("["):
             raise ConfigError(f"bad target {original!r}: empty port")
-        port = default_port
+        if port is None and not has_scheme:
+            raise ConfigError(
+                f"bad target {original!r}: no port; write {original}:PORT, add --port PORT, "
+                f"or name the protocol (smtp://{original} means port 25)"
+            )
+        target_port = port if port is not None else default_port
     else:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ConfigError(f"bad target {original!r}: port must be a number from 1 to 65535")
-        port = int(port_text)
-    return Target(host, port, implicit_tls, lmtp)
+        target_port = int(port_text)
+        if port is not None and port != target_port:
+            raise ConfigError(f"--port {port} contradicts the port in the target {original!r}")
+    return Target(host, target_port, implicit_tls, lmtp)
 
 
 @dataclass(slots=True)
@@ -108,6 +121,11 @@ class LoadConfig:
     ramp_up: float = 0.0
     procs: int = 1
     timeout: float = 30.0
+    #: After a failed connection (refused, reset, 421, timeout, TLS), a session waits a random
+    #: time between ``backoff_min`` and a ceiling that doubles from ``backoff_min`` with each
+    #: failure in a row, up to ``backoff_max`` seconds (``--backoff MIN:MAX``).
+    backoff_min: float = 0.1
+    backoff_max: float = 5.0
     json_path: str | None = None
     html_path: str | None = None
     fail_if: str | None = None

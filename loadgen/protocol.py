@@ -4,7 +4,10 @@ This module owns what a load session decides and counts about its connection and
 on it: recording each timed reply (errors among them counted once), ending messages and
 counting them delivered or failed, starting the next message behind the current one with
 ``--pipeline-messages``, what to write next, when the connection has to QUIT (``--per-connection``)
-and how a failure is named and counted. Its drivers (the session's trio task in
+how a failure is named and counted, whether a message the server turned away between
+messages goes again on a new connection (``connection_failed``: after a 421 or a close, counted
+as a reconnect by reason), and how long to back off after a failed connection (exponential,
+jittered, bounded; counted). Its drivers (the session's trio task in
 ``mailstorm.load.session``, and the readiness hub's inline handler running for that task) call
 it and carry out the ``Action`` it returns: send, receive, do a TLS handshake, close. New
 per-session behaviour belongs here, so that both drivers get it at once.
@@ -17,6 +20,7 @@ It never does I/O, never awaits and never reads a clock: every time comes from i
 from __future__ import annotations
 
 import errno
+import random
 import ssl
 from collections import deque
 from enum import IntEnum, auto
@@ -39,7 +43,11 @@ from mailstorm.wire.client_events import (
 if TYPE_CHECKING:
     from mailstorm.load.schedule import MessageTickets
 
-__all__ = ["Action", "LoadFailure", "LoadProtocol"]
+__all__ = ["BACKOFF_ERROR", "Action", "LoadFailure", "LoadProtocol"]
+
+#: The error kind of a message that could not start because its session was backing off
+#: after a failed connection (open loop: it fails at its scheduled time).
+BACKOFF_ERROR = "backoff"
 
 
 class Action(IntEnum):
@@ -66,6 +74,9 @@ class Action(IntEnum):
     #: (``fail_inflight``) and the connection is closed.
     FAIL = auto()
 
+
+#: Doublings of the back-off ceiling counted at most (the ceiling is capped well before).
+_MAX_DOUBLINGS = 30
 
 # Module-level names for the actions of the hot path: an enum member's lookup through its
 # class costs ten times a global's, several times per message.
@@ -94,10 +105,14 @@ class LoadProtocol:
         "_client_config",
         "_failure",
         "_per_connection",
+        "_retry_reason",
+        "_rng",
         "_waiting",
+        "backoff_until",
         "config",
         "conn",
         "factory",
+        "failures_in_row",
         "inflight",
         "now",
         "on_connection",
@@ -111,6 +126,7 @@ class LoadProtocol:
         client_config: ClientConfig,
         stats: RunStats,
         factory: MessageFactory,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.stats = stats
@@ -119,9 +135,9 @@ class LoadProtocol:
         self._per_connection = config.per_connection
         #: The client connection of the current SMTP connection (None: not connected).
         self.conn: ClientConnection | None = None
-        #: (due time, size) of each message started and not ended, oldest first: one, or
+        #: (due time, message) of each message started and not ended, oldest first: one, or
         #: two while a message rides behind the content of the one before it.
-        self.inflight: deque[tuple[float, int]] = deque()
+        self.inflight: deque[tuple[float, OutgoingMessage]] = deque()
         #: Where the next message comes from while messages may be pipelined, else None.
         self.tickets: MessageTickets | None = None
         #: Messages ended on the current connection.
@@ -132,6 +148,14 @@ class LoadProtocol:
         self._waiting: OutgoingMessage | None = None
         #: What the latest ``FAIL`` was about.
         self._failure: LoadFailure | None = None
+        #: Set while a connection fails in a way that lets its message go again on a new one
+        #: ("421", "closed"); ``connection_failed`` reads it.
+        self._retry_reason: str | None = None
+        #: Failed connections in a row (none of them ended a message): sets the back-off.
+        self.failures_in_row = 0
+        #: Clock reading until which the session backs off (0.0: it does not).
+        self.backoff_until = 0.0
+        self._rng = rng if rng is not None else random.Random()
 
     # -- messages --------------------------------------------------------------------------
 
@@ -140,7 +164,7 @@ class LoadProtocol:
         until it ends. ``begin_chain`` starts it once the connection is ready."""
         msg = self.factory.message(n)
         self.stats.attempted += 1
-        self.inflight.append((due, msg.size))
+        self.inflight.append((due, msg))
         self._waiting = msg
 
     def begin_chain(self, tickets: MessageTickets | None) -> None:
@@ -168,7 +192,7 @@ class LoadProtocol:
         n, due = ticket
         msg = self.factory.message(n)
         self.stats.attempted += 1
-        self.inflight.append((due, msg.size))
+        self.inflight.append((due, msg))
         conn.start_message(msg.mail_from, msg.rcpts, msg.payload, msg.head)
 
     def fail_inflight(self, failure: LoadFailure, now: float) -> None:
@@ -219,15 +243,20 @@ class LoadProtocol:
                     stats.phases.record(event.phase, event.elapsed)
                 else:
                     reply = event.reply
-                    stats.reply_error(event.phase, reply.code, reply.text)
+                    if reply.code == 421 and self._may_retry(event.phase):
+                        # The server limits messages per connection (or is closing idle
+                        # ones): its 421 turned the next message away before it began.
+                        self._retry_reason = "421"
+                    else:
+                        stats.reply_error(event.phase, reply.code, reply.text)
             elif type(event) is MessageDone and self.inflight:
                 # The oldest message in flight is over: count it at the time its last reply
                 # came. (Inline: this runs once per message.)
                 inflight = self.inflight
                 now = self.now
-                message_due, size = inflight.popleft()
+                message_due, msg = inflight.popleft()
                 if event.delivered:
-                    stats.message_delivered(now, now - message_due, size)
+                    stats.message_delivered(now, now - message_due, msg.size)
                 else:
                     stats.message_failed(now)
                 self.on_connection += 1
@@ -245,6 +274,8 @@ class LoadProtocol:
             elif type(event) is SessionClosed:
                 return Action.CLOSE
             elif isinstance(event, SessionFailed):
+                if event.kind == "reset" and self._may_retry(event.phase):
+                    self._retry_reason = "closed"
                 return self._fail(event.kind, f"{event.phase}: {event.detail}")
             else:
                 return self._fail("protocol", f"unexpected {event!r}")
@@ -302,6 +333,65 @@ class LoadProtocol:
     def connection_lost(self) -> None:
         """The driver closed the connection."""
         self.conn = None
+        self.on_connection = 0
+
+    # -- reconnecting and backing off ------------------------------------------------------
+
+    def _may_retry(self, phase: str) -> bool:
+        """Whether the message in flight may go again on a new connection if this one fails
+        in ``phase``: the server ended a connection that had carried messages, before the
+        next one's MAIL was answered (so nothing of it was accepted, and no content sent),
+        the way Postfix's and Exim's per-connection limits and idle timeouts do it. Once per
+        message: its new connection has carried nothing yet."""
+        return phase == "mail" and self.on_connection > 0 and len(self.inflight) == 1
+
+    def connection_failed(self, failure: LoadFailure, now: float) -> bool:
+        """The connection failed with ``failure`` at ``now`` (the driver closes it next).
+
+        True: the message in flight goes again on a new connection at once (counted in
+        ``stats.reconnects`` by reason); ``begin_chain`` restarts it. False: every message in
+        flight fails, and the session backs off before its next connection.
+        """
+        reason = self._retry_reason
+        self._retry_reason = None
+        if reason is not None and len(self.inflight) == 1:
+            self.stats.reconnects[reason] += 1
+            self._waiting = self.inflight[0][1]
+            self.failures_in_row = 0
+            return True
+        self.fail_inflight(failure, now)
+        self._back_off(now)
+        return False
+
+    def _back_off(self, now: float) -> None:
+        """Wait a random time in [MIN, ceiling] before the next connection; the ceiling
+        doubles from MIN with each failed connection in a row, up to MAX (``--backoff``)."""
+        if self.on_connection:
+            self.failures_in_row = 0  # the connection carried messages: a new streak
+        self.failures_in_row += 1
+        low, high = self.config.backoff_min, self.config.backoff_max
+        if high <= 0:
+            return
+        ceiling = min(high, low * 2.0 ** min(self.failures_in_row - 1, _MAX_DOUBLINGS))
+        delay = self._rng.uniform(low, max(low, ceiling))
+        self.backoff_until = now + delay
+        self.stats.backoffs += 1
+        self.stats.backoff_s += delay
+
+    def backing_off(self, now: float) -> bool:
+        """True while the session backs off after a failed connection."""
+        if now < self.backoff_until:
+            return True
+        self.backoff_until = 0.0
+        return False
+
+    def not_started(self, due: float) -> None:
+        """A message due while the session backs off (open loop): it is attempted, and fails
+        at its scheduled time without a connection being tried."""
+        stats = self.stats
+        stats.attempted += 1
+        stats.error(BACKOFF_ERROR, "not started: the session was backing off after a failure")
+        stats.message_failed(due)
 
     # -- failures --------------------------------------------------------------------------
 
@@ -324,11 +414,14 @@ class LoadProtocol:
         phase = self.pending_phase
         if isinstance(cause, ssl.SSLError):
             return LoadFailure("tls", f"{phase}: TLS error: {cause}")
+        if self._may_retry(phase):
+            self._retry_reason = "closed"
         reason = getattr(cause, "strerror", None) or "connection broken"
         return LoadFailure("reset", f"{phase}: {reason}")
 
     def timed_out(self) -> LoadFailure:
         """No reply came within ``--timeout``."""
+        self._retry_reason = None
         return LoadFailure(
             "timeout", f"{self.pending_phase}: no reply within {self.config.timeout:g}s"
         )

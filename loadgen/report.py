@@ -86,8 +86,13 @@ def build_report(
     *,
     fail_if: dict[str, Any] | None = None,
     started_at: float | None = None,
+    probe_connections: int = 0,
 ) -> dict[str, Any]:
-    """The complete report document (what ``--json`` writes)."""
+    """The complete report document (what ``--json`` writes).
+
+    ``probe_connections``: connections made before the run to see that the target is up (the
+    CLI's probe); the server counts them as sessions, the run's ``connections`` do not.
+    """
     phases = {}
     curves = {}
     for phase in PHASES:
@@ -104,6 +109,8 @@ def build_report(
         "error_rate": round(stats.error_rate, 6),
         "bytes": stats.bytes_delivered,
         "connections": stats.connections,
+        "probe_connections": probe_connections,
+        "reconnects": dict(sorted(stats.reconnects.items())),
         "elapsed_s": round(stats.elapsed, 3),
         "wall_s": round(stats.wall, 3),
         "msg_rate": round(stats.msg_rate, 2),
@@ -134,11 +141,20 @@ def build_report(
                 {"error": text, "count": n} for text, n in stats.error_samples.most_common()
             ],
         },
+        "backoff": {
+            "min_s": config.backoff_min,
+            "max_s": config.backoff_max,
+            "waits": stats.backoffs,
+            "seconds": round(stats.backoff_s, 3),
+            "messages_not_started": stats.errors_by_kind["backoff"],
+        },
         "fail_if": fail_if,
         "generator": {
             "loop_lag_p99_ms": stats.loop_lag_ms(0.99),
             "loop_lag_max_ms": stats.loop_lag_ms(1.0),
-            "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS,
+            # Only when connections were made: failed connects alone (a server that is down)
+            # say nothing about the generator's own pace.
+            "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS and stats.connections > 0,
             # The generator's own cost (every process, start-up excluded): the number to
             # compare with another driver's CPU per message.
             "cpu_s": round(stats.cpu_s, 3),
@@ -188,9 +204,39 @@ def render_table(report: dict[str, Any], console: Console) -> None:
         f"delivered [bold green]{totals['delivered']}[/] of {totals['attempted']} in "
         f"{totals['elapsed_s']:.2f}s: {rate_line}; failed {totals['failed']} "
         f"({totals['error_rate'] * 100:.2f}%), errors {totals['errors']}, "
-        f"connections {totals['connections']}",
+        f"connections {totals['connections']}"
+        + (
+            f" (and {totals['probe_connections']} probe before the run)"
+            if totals.get("probe_connections")
+            else ""
+        ),
         soft_wrap=True,
     )
+    reconnects = totals.get("reconnects")
+    if reconnects:
+        reasons = ", ".join(
+            f"{n} after {'a 421' if reason == '421' else 'the server closed the connection'}"
+            for reason, n in reconnects.items()
+        )
+        console.print(
+            f"reconnects (the server ended a connection between messages; the message went "
+            f"again on a new one): {reasons}",
+            soft_wrap=True,
+        )
+    backoff = report.get("backoff")
+    if backoff and backoff["waits"]:
+        not_started = backoff["messages_not_started"]
+        console.print(
+            f"[bold yellow]back-off[/] after failed connections: {backoff['waits']} waits, "
+            f"{backoff['seconds']:.1f}s in all (random {backoff['min_s']:g}s to "
+            f"{backoff['max_s']:g}s, doubling per failure in a row)"
+            + (
+                f"; {not_started} messages due meanwhile failed unstarted"
+                if not_started
+                else ""
+            ),
+            soft_wrap=True,
+        )
     table = Table(title="latency (ms)", title_justify="left")
     table.add_column("phase")
     for name in ("count", "p50", "p90", "p99", "p99.9", "max"):

@@ -76,8 +76,15 @@ async def _session_main(ctx: SessionContext, tickets: MessageTickets, start_at: 
     if start_at > trio.current_time():
         await trio.sleep_until(start_at)
     session = LoadSession(ctx)
+    protocol = session.protocol
+    closed_loop = tickets.schedule is None
     try:
-        while (ticket := await tickets.take()) is not None:
+        while True:
+            if closed_loop and protocol.backoff_until:
+                await session.wait_backoff(tickets.deadline)
+            ticket = await tickets.take()
+            if ticket is None:
+                break
             await session.send_messages(*ticket, tickets)
         await session.quit()
     finally:

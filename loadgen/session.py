@@ -142,34 +142,50 @@ class LoadSession:
         # session's guaranteed cancellation point per chain of messages.
         await trio.lowlevel.checkpoint_if_cancelled()
         protocol = self.protocol
+        if protocol.backoff_until and protocol.backing_off(trio.current_time()):
+            # Open loop: the schedule goes on while the session backs off; this message
+            # fails at its scheduled time (closed loop waits in ``wait_backoff`` instead).
+            protocol.not_started(due)
+            return
         protocol.add_message(n, due)
-        failure: LoadFailure | None = None
-        self.now = trio.current_time()
-        with trio.CancelScope(deadline=self.now + self.ctx.config.timeout) as scope:
-            self.scope = scope
-            try:
-                if protocol.needs_connection:
-                    await self._open()
-                protocol.begin_chain(tickets)
-                action = await self._pump()
-                if action is Action.IDLE:
-                    return
-                if action is Action.QUIT:
-                    scope.deadline = math.inf
-                    await self.quit()
-                    return
-                failure = protocol.failure_of(action)
-            except LoadFailure as exc:
-                failure = exc
-            except trio.BrokenResourceError as exc:
-                failure = protocol.broken(exc.__cause__)
-            finally:
-                protocol.end_chain()
-        if scope.cancelled_caught:
-            failure = protocol.timed_out()
-        assert failure is not None
-        protocol.fail_inflight(failure, trio.current_time())
-        await self.abort()
+        while True:
+            failure: LoadFailure | None = None
+            self.now = trio.current_time()
+            with trio.CancelScope(deadline=self.now + self.ctx.config.timeout) as scope:
+                self.scope = scope
+                try:
+                    if protocol.needs_connection:
+                        await self._open()
+                    protocol.begin_chain(tickets)
+                    action = await self._pump()
+                    if action is Action.IDLE:
+                        return
+                    if action is Action.QUIT:
+                        scope.deadline = math.inf
+                        await self.quit()
+                        return
+                    failure = protocol.failure_of(action)
+                except LoadFailure as exc:
+                    failure = exc
+                except trio.BrokenResourceError as exc:
+                    failure = protocol.broken(exc.__cause__)
+                finally:
+                    protocol.end_chain()
+            if scope.cancelled_caught:
+                failure = protocol.timed_out()
+            assert failure is not None
+            again = protocol.connection_failed(failure, trio.current_time())
+            await self.abort()
+            if not again:
+                return
+
+    async def wait_backoff(self, deadline: float) -> None:
+        """Closed loop: sleep while the session backs off after a failed connection (but not
+        past ``deadline``, the end of the run), before it takes its next message."""
+        until = self.protocol.backoff_until
+        if until:
+            await trio.sleep_until(min(until, deadline))
+            self.protocol.backing_off(trio.current_time())
 
     async def quit(self) -> None:
         """QUIT and close; waits for the server's 221 and then for it to close first."""

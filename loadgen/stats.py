@@ -36,8 +36,19 @@ __all__ = [
 PHASES = ("connect", "tls", *CLIENT_PHASES, "message")
 
 #: Error kinds, in report order. ``connect`` is a connect failure other than a refusal (no
-#: route, no free local port), ``tls`` a failed TLS handshake or TLS error.
-ERROR_KINDS = ("refused", "connect", "reset", "timeout", "4xx", "5xx", "protocol", "tls")
+#: route, no free local port), ``tls`` a failed TLS handshake or TLS error, ``backoff`` a
+#: message due (open loop) while its session backed off after a failed connection.
+ERROR_KINDS = (
+    "refused",
+    "connect",
+    "reset",
+    "timeout",
+    "4xx",
+    "5xx",
+    "protocol",
+    "tls",
+    "backoff",
+)
 
 #: One hour in microseconds: anything slower is recorded as one hour.
 HIGHEST_US = 3_600_000_000
@@ -254,6 +265,12 @@ class RunStats:
     cpu_s: float = 0.0
     #: Connections on which ``--pipeline-messages`` could not apply (no PIPELINING offered).
     unpipelined_connections: int = 0
+    #: New connections made to carry on after the server ended one between messages, by
+    #: reason: "421" (it said so), "closed" (it closed or reset the connection).
+    reconnects: Counter[str] = field(default_factory=Counter)
+    #: Back-offs after failed connections, and the seconds they added up to.
+    backoffs: int = 0
+    backoff_s: float = 0.0
 
     # -- recording (hot path) --------------------------------------------------------------
 
@@ -347,6 +364,9 @@ class RunStats:
             "loop_lag": {str(k): v for k, v in self.loop_lag.items()},
             "cpu_s": self.cpu_s,
             "unpipelined_connections": self.unpipelined_connections,
+            "reconnects": dict(self.reconnects),
+            "backoffs": self.backoffs,
+            "backoff_s": self.backoff_s,
         }
 
     @classmethod
@@ -367,6 +387,9 @@ class RunStats:
             loop_lag=Counter({int(k): v for k, v in data.get("loop_lag", {}).items()}),
             cpu_s=data.get("cpu_s", 0.0),
             unpipelined_connections=data.get("unpipelined_connections", 0),
+            reconnects=Counter(data.get("reconnects", {})),
+            backoffs=data.get("backoffs", 0),
+            backoff_s=data.get("backoff_s", 0.0),
         )
 
     def merge(self, other: RunStats) -> None:
@@ -385,6 +408,9 @@ class RunStats:
         self.loop_lag.update(other.loop_lag)
         self.cpu_s += other.cpu_s
         self.unpipelined_connections += other.unpipelined_connections
+        self.reconnects.update(other.reconnects)
+        self.backoffs += other.backoffs
+        self.backoff_s += other.backoff_s
         for detail, count in other.error_samples.items():
             if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
                 self.error_samples[detail] += count

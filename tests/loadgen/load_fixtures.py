@@ -260,6 +260,14 @@ class FakeBehavior:
     #: Every n-th message (1-based) gets ``eod_reply_nth`` instead of ``eod_reply``.
     nth: int = 0
     eod_reply_nth: bytes = b"451 4.3.0 try again\r\n"
+    #: Accept each connection and close it at once, before any banner.
+    close_at_once: bool = False
+    #: After this many messages answered on a connection, answer the next MAIL with a 421
+    #: and close (Exim's smtp_accept_max_per_connection, Postfix's rate limits).
+    max_messages_per_connection: int = 0
+    #: Close the connection (no 421) right after answering this many messages on it, as a
+    #: server closing idle connections does.
+    close_after_messages: int = 0
 
 
 @dataclass
@@ -279,6 +287,8 @@ class FakeServer:
     connected_at: list[float] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    #: Connections ended by ``max_messages_per_connection`` or ``close_after_messages``.
+    limited: int = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -287,12 +297,15 @@ class FakeServer:
         b = self.behavior
         buf = bytearray()
         try:
+            if b.close_at_once:
+                return
             if b.banner is None:
                 await trio.sleep_forever()
             await stream.send_all(b.banner)
             content = bytearray()
             accepted = 0
             on_connection = 0
+            answered = 0
             while True:
                 while b"\r\n" not in buf:
                     data = await stream.receive_some(65536)
@@ -317,6 +330,13 @@ class FakeServer:
                     await stream.send_all(wire.encode())
                 elif verb == "HELO":
                     await stream.send_all(b"250 fake.test\r\n")
+                elif verb == "MAIL" and (
+                    b.max_messages_per_connection
+                    and answered >= b.max_messages_per_connection
+                ):
+                    self.limited += 1
+                    await stream.send_all(b"421 4.7.0 too many messages on this connection\r\n")
+                    return
                 elif verb == "MAIL":
                     content = bytearray()
                     accepted = 0
@@ -345,6 +365,10 @@ class FakeServer:
                     if buf.startswith(b"MAIL "):
                         self.mail_behind_content += 1
                     await self._delivered(stream, result[0] or b"")
+                    answered += 1
+                    if answered == b.close_after_messages:
+                        self.limited += 1
+                        return
                 elif verb == "BDAT":
                     parts = line.split()
                     size = int(parts[1])

@@ -268,20 +268,19 @@ def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path
     assert 'data-series="eod"' in dom and 'data-series="delivered"' in dom
 
 
-def test_a_run_that_delivers_nothing_exits_3() -> None:
-    """A server that is down fails the run even without --fail-if (exit status 3)."""
-    import socket
+def test_a_run_that_delivers_nothing_exits_3(smtp_sink: Callable[..., Any]) -> None:
+    """A server that is up but takes nothing fails the run even without --fail-if (exit
+    status 3). (A server that is down does not get a run: exit status 4, see
+    test_load_failing_targets.)"""
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound but not listening: connections are refused
-        result = subprocess.run(
-            [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{port}", "--sessions", "2",
-             "--messages", "4", "--quiet"],
-            capture_output=True, text=True, timeout=60,
-        )
+    sink = smtp_sink("-Q", "MAIL")  # every MAIL gets a 421 and the connection closes
+    result = subprocess.run(
+        [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{sink.port}", "--sessions", "2",
+         "--messages", "4", "--quiet"],
+        capture_output=True, text=True, timeout=60,
+    )
     assert result.returncode == 3, result.stderr
     assert "no message was delivered" in result.stderr
 
@@ -295,7 +294,7 @@ def test_options_reach_the_config_through_its_fields() -> None:
 
     parser = build_parser("mailstorm load")
     dests = {action.dest for action in parser._actions} - {"help"}
-    derived = {"target", "size", "auth", "insecure", "source_address"}
+    derived = {"target", "size", "auth", "insecure", "source_address", "port", "backoff"}
     assert dests - derived <= OPTION_NAMES
     config = config_from_args(
         parser.parse_args(

@@ -42,11 +42,22 @@ from mailstorm.load.workload import (
         ("lmtp://127.0.0.1:24", Target("127.0.0.1", 24, lmtp=True)),
         ("[::1]:2525", Target("::1", 2525)),
         ("smtp://[::1]:2525/", Target("::1", 2525)),
-        ("mx.test", Target("mx.test", 25)),
+        ("smtp://mx.test", Target("mx.test", 25)),
     ],
 )
 def test_parse_target(text: str, expected: Target) -> None:
     assert parse_target(text) == expected
+
+
+def test_a_target_without_port_or_scheme_needs_port() -> None:
+    """No silent port 25: a bare host is an error unless --port (or a scheme) says which."""
+    with pytest.raises(ConfigError, match=r"no port; write mx\.test:PORT, add --port"):
+        parse_target("mx.test")
+    assert parse_target("mx.test", port=2525) == Target("mx.test", 2525)
+    assert parse_target("smtps://mx.test", port=4650) == Target("mx.test", 4650, True)
+    assert parse_target("mx.test:2525", port=2525) == Target("mx.test", 2525)
+    with pytest.raises(ConfigError, match="--port 25 contradicts"):
+        parse_target("mx.test:2525", port=25)
 
 
 @pytest.mark.parametrize(
@@ -305,6 +316,7 @@ def test_report_says_when_the_generator_was_saturated() -> None:
     from mailstorm.load.stats import RunStats
 
     stats = RunStats()
+    stats.connections = 1
     for _ in range(10):
         stats.record_loop_lag(0.2)
     report = build_report(LoadConfig(target=parse_target("127.0.0.1:25")), stats)
