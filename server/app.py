@@ -188,7 +188,12 @@ class SinkServer:
         finally:
             for listener, _ in listeners:
                 listener.close()
-        log.info("stopped: %s", self.stats.interval_line())
+        # A worker (--workers) leaves the last word to its supervisor, which sums them all.
+        log.log(
+            logging.DEBUG if self.config.report_interval > 0 else logging.INFO,
+            "stopped: %s",
+            self.stats.interval_line(),
+        )
 
     async def _serve_sessions(
         self,

@@ -368,21 +368,22 @@ async def _run(server: SinkServer) -> None:
             await nursery.start(_serve_then_stop, server, nursery.cancel_scope)
             names = ", ".join(_fmt(a) for a in server.addresses)
             tls_names = ", ".join(_fmt(a) for a in server.tls_addresses)
-            log.info(
-                "mailstorm sink listening on %s%s; store %s",
-                names or "-",
-                f" (TLS: {tls_names})" if tls_names else "",
-                server.store.describe(),
+            # A worker (--workers) leaves this line to its supervisor, which says it once.
+            log.log(
+                logging.DEBUG if server.config.report_interval > 0 else logging.INFO,
+                "%s",
+                listening_line(names, tls_names, server.store.describe()),
             )
+            level = logging.DEBUG if server.config.report_interval > 0 else logging.INFO
             seen = 0
             async for signum in signals:
                 seen += 1
                 name = signal.Signals(signum).name
                 if seen == 1:
-                    log.info("%s: shutting down gracefully (again to stop at once)", name)
+                    log.log(level, "%s: shutting down gracefully (again to stop at once)", name)
                     server.shutdown()
                 else:
-                    log.info("%s: stopping now", name)
+                    log.log(level, "%s: stopping now", name)
                     server.shutdown(immediately=True)
 
 
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
         )
     raise_open_files_limit()
     if args.workers > 1:
-        return _supervise(args, config, argv if argv is not None else sys.argv[1:], prog)
+        argv = argv if argv is not None else sys.argv[1:]
+        return _supervise(args, config, argv, prog, server.store.describe())
     try:
         trio.run(_run, server)
     except KeyboardInterrupt:
@@ -438,7 +440,16 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     return 0
 
 
-def _supervise(args: argparse.Namespace, config: SinkConfig, argv: list[str], prog: str) -> int:
+def listening_line(names: str, tls_names: str, store: str) -> str:
+    """The start-up line: where the sink listens, and where mail goes."""
+    return f"mailstorm sink listening on {names or '-'}" + (
+        f" (TLS: {tls_names})" if tls_names else ""
+    ) + f"; store {store}"
+
+
+def _supervise(
+    args: argparse.Namespace, config: SinkConfig, argv: list[str], prog: str, store: str
+) -> int:
     """``--workers N``: check the listeners here, then run N workers under a supervisor."""
     listen, holders = reserve_ports(config.listen)
     tls_listen, tls_holders = reserve_ports(config.tls_listen)
@@ -452,7 +463,12 @@ def _supervise(args: argparse.Namespace, config: SinkConfig, argv: list[str], pr
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     worker_args = _worker_args(argv, listen, tls_listen)
-    supervisor = WorkerSupervisor(worker_args, args.workers, stats_interval=args.stats_interval)
+    banner = listening_line(
+        ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store
+    )
+    supervisor = WorkerSupervisor(
+        worker_args, args.workers, stats_interval=args.stats_interval, banner=banner
+    )
     try:
         return trio.run(supervisor.run)
     finally:

@@ -99,10 +99,19 @@ class WorkerSupervisor:
     """Runs ``count`` workers of ``worker_args`` (``python -m mailstorm.sink`` arguments) until
     told."""
 
-    def __init__(self, worker_args: Sequence[str], count: int, *, stats_interval: float) -> None:
+    def __init__(
+        self,
+        worker_args: Sequence[str],
+        count: int,
+        *,
+        stats_interval: float,
+        banner: str = "mailstorm sink workers",
+    ) -> None:
         self.worker_args = [*worker_args, "--reuse-port", "--worker-report", f"{REPORT_INTERVAL}"]
         self.count = count
         self.stats_interval = stats_interval
+        #: Where the sink listens and stores, said once for all workers when they serve.
+        self.banner = banner
         self.stopping = False
         self.pids: list[int | None] = [None] * count
         self.restarts = 0
@@ -148,8 +157,10 @@ class WorkerSupervisor:
                 for ready in self._ready:
                     await ready.wait()
                 task_status.started()
+                # One line for the whole sink: the workers leave theirs to this one.
                 log.info(
-                    "%d workers serving (pids %s)",
+                    "%s; %d workers serving (pids %s)",
+                    self.banner,
                     self.count,
                     ", ".join(str(pid) for pid in self.pids),
                 )

@@ -70,6 +70,11 @@ def test_workers_share_the_port_survive_a_crash_and_stop_cleanly(tmp_path: Path)
             sink.wait()
     text = log.read_text()
     assert "stopped: 2 workers: sessions 0 active / 50 total, messages 50" in text
+    # The sink says where it listens and that it stopped once, not once per worker (the
+    # restarted worker included).
+    assert text.count("listening on") == 1, text
+    assert text.count("stopped: ") == 1, text
+    assert text.count("shutting down") == 1, text
     assert len(os.listdir(maildir / "new")) == 50
     # No worker outlives the supervisor.
     for pid in pids:
