@@ -39,7 +39,7 @@ from .admission import AcceptErrorEpisode, AddressSlots
 from .authlimit import AuthFailureLimiter
 from .config import Address, SinkConfig
 from .credentials import CredentialStore
-from .session import IdleReaper, Session, SessionContext
+from .session import IdleReaper, Session, SinkContext
 from .stats import SinkStats
 from .stores import Store, open_store
 from .tls import server_ssl_context
@@ -106,7 +106,7 @@ class SinkServer:
             bare_linefeed=config.bare_linefeed,
             faults=self.fault_plan,
         )
-        self._ctx = SessionContext(
+        self._ctx = SinkContext(
             policy=self.policy,
             store=store,
             stats=self.stats,

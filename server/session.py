@@ -50,7 +50,7 @@ from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
 from .stats import SinkStats
 from .stores import Store, StoreError
 
-__all__ = ["IdleReaper", "Session", "SessionContext"]
+__all__ = ["IdleReaper", "Session", "SinkContext"]
 
 _DELAY = Action.DELAY
 
@@ -71,7 +71,7 @@ _STREAM_ERRORS = (
 
 
 @dataclass(slots=True)
-class SessionContext:
+class SinkContext:
     """What every session of one server shares."""
 
     policy: SessionPolicy
@@ -128,7 +128,7 @@ class Session:
     command. A cancelled session says 421 (timeout, or the reply its stop chose) and ends.
     """
 
-    def __init__(self, sock: socket.socket, ctx: SessionContext, *, tls: bool) -> None:
+    def __init__(self, sock: socket.socket, ctx: SinkContext, *, tls: bool) -> None:
         # A sink only ever sends short replies: a small kernel send buffer is plenty, and it
         # bounds what a client that never reads can make the kernel hold for it (with the
         # core's bound on unsent replies, a few KiB per session instead of megabytes).
