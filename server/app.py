@@ -31,6 +31,7 @@ import trio
 
 from mailstorm._net.netstream import SocketTransport
 from mailstorm._net.readiness import open_readiness_hub
+from mailstorm.errors import ConfigError
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.faults import FaultPlan, FaultSpecError
 from mailstorm.wire.server import SessionPolicy
@@ -61,10 +62,6 @@ LISTEN_BACKLOG = 65535
 ACCEPT_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 #: How long a refused (over-capacity) client gets to read its 421.
 REFUSAL_TIMEOUT = 2.0
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be served; the message is one line for the operator."""
 
 
 class SinkServer:
