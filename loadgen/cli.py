@@ -9,6 +9,7 @@ or ``--procs`` runner, the live display, the final table, the JSON and HTML repo
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -214,8 +215,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-s",
         default="1k",
         metavar="SIZE|MIX",
-        help="message size in bytes (512, 10k, 1m) or a weighted mix such as "
-        "1k:70,10k:25,1m:5 (default: 1k)",
+        help="message size in bytes (512, 10k, 1m; at most 100m) or a weighted mix such as "
+        "1k:70,10k:25,1m:5, a weight for every size (default: 1k)",
     )
     g.add_argument(
         "--eml",
@@ -356,8 +357,23 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         auth_user, sep, auth_password = args.auth.partition(":")
         if not sep or not auth_user:
             raise ConfigError(f"bad --auth {args.auth!r}: expected USER:PASS")
-    if not args.ehlo_name or any(c.isspace() for c in args.ehlo_name):
-        raise ConfigError(f"bad --ehlo {args.ehlo_name!r}: one word, such as a host name")
+    if not _EHLO_NAME.fullmatch(args.ehlo_name):
+        raise ConfigError(
+            f"bad --ehlo {args.ehlo_name!r}: one word of printable ASCII, such as a host name"
+        )
+    if args.rcpts > MAX_RCPTS:
+        raise ConfigError(f"--rcpts {args.rcpts} is too many: at most {MAX_RCPTS}")
+    if args.tls_server_name is not None and not _HOST_NAME.fullmatch(args.tls_server_name):
+        raise ConfigError(
+            f"bad --tls-server-name {args.tls_server_name!r}: a host name such as mx.example.com"
+        )
+    if args.eml is not None and not args.eml.strip():
+        raise ConfigError("--eml needs a file or folder name")
+    for option, path in (("--json", args.json_path), ("--html", args.html_path)):
+        if path is not None:
+            _check_output_path(option, path)
+    if args.ca_file is not None:
+        _check_ca_file(args.ca_file)
     if args.chunk_size and not args.chunking:
         raise ConfigError("--chunk-size needs --chunking")
     if args.pipeline_messages and (
@@ -395,6 +411,43 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         backoff_max=args.backoff[1],
     )
     return LoadConfig.from_options(target, **options)
+
+
+#: An EHLO argument: a domain or an address literal, printable ASCII without spaces.
+_EHLO_NAME = re.compile(r"[!-~]{1,255}")
+#: A name for SNI and certificate checks: labels of letters, digits, hyphens and underscores.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?")
+#: Recipients per message at most (RFC 5321 4.5.3.1.8 asks servers to take 100).
+MAX_RCPTS = 1000
+
+
+def _check_output_path(option: str, path: str) -> None:
+    """A report goes where it can be written: checked now, not after the run."""
+    from pathlib import Path
+
+    try:
+        target = Path(path)
+        folder = target.parent
+        if not path.strip() or target.is_dir():
+            raise ConfigError(f"{option} {path!r}: needs a file name")
+        if not folder.is_dir():
+            raise ConfigError(f"{option} {path!r}: no such folder {str(folder)!r}")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{option} {path!r}: {exc}") from None
+
+
+def _check_ca_file(path: str) -> None:
+    """The CA file loads (the run builds its TLS context from it in every process)."""
+    import ssl
+
+    from mailstorm.load.tls import client_ssl_context
+
+    try:
+        client_ssl_context(ca_file=path)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"--ca-file {path!r}: {reason}") from None
 
 
 def _check_ip(address: str) -> None:

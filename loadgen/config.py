@@ -50,6 +50,8 @@ def parse_target(text: str, port: int | None = None) -> Target:
     that silently hits port 25 of the wrong machine is worse than one that asks.
     """
     original = text
+    if not text.isprintable() or text != text.strip():
+        raise ConfigError(f"bad target {original!r}: expected HOST:PORT")
     scheme = "smtp"
     has_scheme = "://" in text
     if has_scheme:

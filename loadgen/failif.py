@@ -72,7 +72,10 @@ def _tokenize(text: str) -> list[_Token]:
     while pos < stripped_end:
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
-            raise FailIfError(f"bad --fail-if expression at column {pos + 1}: {text[pos:]!r}")
+            raise FailIfError(
+                f"bad --fail-if expression at column {pos + 1}: {text[pos:]!r}"
+                + _hint(text[pos:].lstrip())
+            )
         start = pos + len(m.group(0)) - len(m.group(0).lstrip())
         if m.group("number") is not None:
             unit = m.group("unit").lower() if m.group("unit") else None
@@ -88,6 +91,26 @@ def _tokenize(text: str) -> list[_Token]:
     tokens.append(_Token("end", "", len(text)))
     return tokens
 
+
+#: Slips of comparison operators, and what to say about them.
+_OPERATOR_SLIPS = (
+    ("=>", "; did you mean '>='?"),
+    ("=<", "; did you mean '<='?"),
+    ("=", "; use '==' to compare"),
+    ("<>", "; use '!=' for 'not equal'"),
+)
+
+
+def _hint(rest: str) -> str:
+    """A suggestion for the text where tokenizing stopped, or ""."""
+    for slip, hint in _OPERATOR_SLIPS:
+        if rest.startswith(slip):
+            return hint
+    return ""
+
+
+#: A name that starts like a number: a literal with a unit that does not exist (``50mss``).
+_NUMBER_WITH_BAD_UNIT = re.compile(r"\d+(?:\.\d+)?[A-Za-z_]\w*")
 
 Metric = Callable[[RunStats], float]
 
@@ -294,6 +317,12 @@ class _Parser:
             return _Operand(name, _NUMBER, metric=lambda s: s.byte_rate / 1_000_000)
         if _PERCENTILE.fullmatch(name) or name in ("max", "mean"):
             raise self.error(nxt, f"{name} needs a phase, as in {name}(eod)")
+        if _NUMBER_WITH_BAD_UNIT.fullmatch(token.text):
+            raise self.error(
+                token,
+                f"{token.text!r}: a duration is a number with us, ms or s (50ms), a fraction a "
+                "number or a percentage (0.1%), a count a plain number",
+            )
         raise self.error(
             token,
             f"unknown metric {token.text!r} (use pN(phase), max(phase), mean(phase), "

@@ -36,11 +36,17 @@ class WorkloadError(ValueError):
     """Bad workload input (size, size mix, template, message files); the text is user-facing."""
 
 
+#: The largest message (or BDAT chunk) the generator builds: each distinct size's body is made
+#: once, in memory, and its dot-stuffed copy beside it.
+MAX_MESSAGE_SIZE = 100 << 20
+
+
 def parse_size(text: str) -> int:
-    """A message or chunk size (at least one byte), as ``mailstorm.cliutil.parse_size`` reads
-    it; errors are WorkloadErrors like the rest of the workload's."""
+    """A message or chunk size (one byte to ``MAX_MESSAGE_SIZE``), as
+    ``mailstorm.cliutil.parse_size`` reads it; errors are WorkloadErrors like the rest of the
+    workload's."""
     try:
-        return parse_shared_size(text, minimum=1)
+        return parse_shared_size(text, minimum=1, maximum=MAX_MESSAGE_SIZE)
     except ValueError as exc:
         raise WorkloadError(str(exc)) from None
 
@@ -48,15 +54,21 @@ def parse_size(text: str) -> int:
 def parse_size_mix(text: str) -> list[tuple[int, float]]:
     """``"1k:70,10k:25,1m:5"`` to ``[(1024, 70.0), (10240, 25.0), (1048576, 5.0)]``.
 
-    A plain size is a mix of one; a size without a weight has weight 1.
+    A plain size is a mix of one; in a mix of several, every size needs its weight.
     """
     mix: list[tuple[int, float]] = []
-    for part in text.split(","):
+    parts = text.split(",")
+    for part in parts:
         if not part.strip():
             raise WorkloadError(f"bad size mix {text!r}: empty entry")
         size_text, sep, weight_text = part.partition(":")
         size = parse_size(size_text)
         weight = 1.0
+        if not sep and len(parts) > 1:
+            raise WorkloadError(
+                f"bad size mix {text!r}: missing weight for {size_text.strip()!r} "
+                "(write SIZE:WEIGHT for every size, as 1k:70,10k:25,1m:5)"
+            )
         if sep:
             try:
                 weight = float(weight_text)
@@ -196,7 +208,10 @@ class MessageFactory:
             # Recipients do not depend on the message number: one list for every message.
             self._fixed_rcpts = [self.to_template.render(0, r) for r in range(1, rcpts + 1)]
         if eml_paths:
-            self.payloads = [Payload(p.read_bytes()) for p in eml_paths]
+            try:
+                self.payloads = [Payload(p.read_bytes()) for p in eml_paths]
+            except OSError as exc:
+                raise WorkloadError(f"--eml: cannot read {exc.filename}: {exc.strerror}") from None
             weights = [1.0] * len(self.payloads)
         else:
             mix = sizes or [(1024, 1.0)]
@@ -211,11 +226,18 @@ class MessageFactory:
     @classmethod
     def eml_files(cls, path: Path) -> list[Path]:
         """The messages to replay: the file itself, or every regular file in the folder."""
-        if path.is_file():
-            return [path]
-        if not path.is_dir():
-            raise WorkloadError(f"--eml {str(path)!r}: no such file or directory")
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not str(path).strip():
+            raise WorkloadError("--eml needs a file or folder name")
+        try:
+            if path.is_file():
+                return [path]
+            if not path.is_dir():
+                raise WorkloadError(f"--eml {str(path)!r}: no such file or directory")
+            files = sorted(
+                p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+            )
+        except (OSError, ValueError) as exc:
+            raise WorkloadError(f"--eml {str(path)!r}: {exc}") from None
         if not files:
             raise WorkloadError(f"--eml {str(path)!r}: the folder holds no message files")
         return files

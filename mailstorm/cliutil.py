@@ -8,6 +8,7 @@ It never reads configuration files and never prints anything but errors.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import resource
 from collections.abc import Callable
@@ -21,6 +22,7 @@ __all__ = [
     "positive_seconds",
     "raise_open_files_limit",
     "seconds",
+    "size_text",
     "value_type",
 ]
 
@@ -51,15 +53,33 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-def parse_size(text: str, *, minimum: int = 0) -> int:
-    """A byte count: ``"512"``, ``"10k"``, ``"1.5m"``, ``"1MiB"`` (k, m, g are powers of 1024).
+#: The largest byte count ``parse_size`` gives unless told a smaller ``maximum`` (1 EiB).
+SIZE_LIMIT = 1 << 60
 
-    Raises ValueError with a message for the user; wrap with ``value_type`` for argparse.
+
+def size_text(size: int) -> str:
+    """A byte count as ``parse_size`` reads it, in the largest unit that divides it."""
+    for unit in ("g", "m", "k"):
+        factor = _SIZE_UNITS[unit]
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def parse_size(text: str, *, minimum: int = 0, maximum: int = SIZE_LIMIT) -> int:
+    """A byte count: ``"512"``, ``"10k"``, ``"1.5m"``, ``"1MiB"`` (k, m, g are powers of 1024),
+    from ``minimum`` to ``maximum``.
+
+    Raises ValueError with a message for the user (naming the limit that was passed); wrap
+    with ``value_type`` for argparse.
     """
     m = _SIZE.fullmatch(text)
     if m is None:
         raise ValueError(f"bad size {text!r}: expected a number of bytes like 512, 10k or 1m")
-    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not math.isfinite(value) or value > maximum:
+        raise ValueError(f"bad size {text!r}: at most {size_text(maximum)}")
+    size = int(value)
     if size < minimum:
         raise ValueError(f"bad size {text!r}: must be at least {minimum} byte(s)")
     return size
@@ -85,14 +105,22 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+#: The longest duration ``seconds`` accepts (about 31 years): beyond it, clocks plus the value
+#: stop being exact, and no run or timeout means it.
+MAX_SECONDS = 1e9
+
+
 def seconds(text: str) -> float:
-    """A non-negative, finite number of seconds; a trailing "s" is allowed."""
+    """A non-negative, finite number of seconds up to ``MAX_SECONDS``; a trailing "s" is
+    allowed."""
     try:
         value = float(text.removesuffix("s"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number of seconds")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is too long: at most {MAX_SECONDS:g} seconds")
     return value
 
 

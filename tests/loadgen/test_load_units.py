@@ -102,8 +102,9 @@ def test_parse_size() -> None:
 def test_parse_size_mix() -> None:
     assert parse_size_mix("1k:70,10k:25,1m:5") == [(1024, 70.0), (10240, 25.0), (1 << 20, 5.0)]
     assert parse_size_mix("4k") == [(4096, 1.0)]
-    assert parse_size_mix("1k, 2k") == [(1024, 1.0), (2048, 1.0)]
-    for bad in ("1k:", "1k:x", "1k:0", "1k:-5", "1k,,2k", "zz:3", "1k:inf"):
+    assert parse_size_mix("1k:1, 2k:1") == [(1024, 1.0), (2048, 1.0)]
+    # In a mix of several sizes every size needs its weight (issue 15, item 5).
+    for bad in ("1k:", "1k:x", "1k:0", "1k:-5", "1k,,2k", "zz:3", "1k:inf", "1k, 2k", "1k:70,10k"):
         with pytest.raises(WorkloadError, match="bad size"):
             parse_size_mix(bad)
 
