@@ -94,6 +94,8 @@ report), 130 interrupted."""
 NOTHING_DELIVERED = 3
 #: Exit status when the probe before the run could not connect: the run did not start.
 TARGET_UNREACHABLE = 4
+#: Exit status of a run ended by Ctrl-C (128 + SIGINT), after its partial report.
+INTERRUPTED = 130
 
 
 def _backoff(text: str) -> tuple[float, float]:
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         else:
             _run_single(config, stats, display, factory)
     except KeyboardInterrupt:
-        status = 130
+        status = INTERRUPTED
         err.print("interrupted: reporting what was measured so far")
     except ConfigError as exc:
         if display is not None:
@@ -571,15 +573,23 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
             "explanation": explanation,
         }
     report = build_report(
-        config, stats, fail_if=fail_if_result, started_at=started_at, probe_connections=1
+        config,
+        stats,
+        fail_if=fail_if_result,
+        started_at=started_at,
+        probe_connections=1,
+        interrupted=status == INTERRUPTED,
     )
-    render_table(report, Console(highlight=False))
+    console = Console(highlight=False)
+    render_table(report, console)
     if config.json_path:
         write_json(report, config.json_path)
+        console.print(f"JSON report written to {config.json_path}", markup=False, soft_wrap=True)
     if config.html_path:
         from mailstorm.load.htmlreport import write_html
 
         write_html(report, config.html_path)
+        console.print(f"HTML report written to {config.html_path}", markup=False, soft_wrap=True)
     if status:
         return status
     if failed_gate:

@@ -1,11 +1,15 @@
 """``--html``: a self-contained HTML report with plots, built from the JSON report document.
 
 This module owns the HTML page: the summary, tables (rendered here, readable without
-JavaScript) and three plots drawn as inline SVG by a small script embedded in the page
-(throughput over time, MB/s over time, latency by percentile per phase). Nothing is loaded from
-anywhere: no CDN, no fonts, no images. The script marks ``<body data-charts-rendered="N">``
-when it has drawn N plots, which is how a headless browser test knows it ran. This module never
-measures anything and never reads anything but the report document it is given.
+JavaScript) and four plots drawn as inline SVG by a small script embedded in the page
+(messages per second, MB/s, p50/p99 latency of end of data and of whole messages per second,
+latency by percentile per phase). Rates of the last, partial second are over its real length
+(a sliver too short to say anything is left out); phases whose percentile curves coincide
+(MAIL, RCPT and DATA share one measurement under pipelining) are drawn once, with a note. Nothing
+is loaded from anywhere: no CDN, no fonts, no images. The script marks
+``<body data-charts-rendered="N">`` when it has drawn N plots, which is how a headless browser
+test knows it ran; the page shows no such status. This module never measures anything and never
+reads anything but the report document it is given.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ th:first-child,td:first-child{text-align:left}th{background:#f0f2f6;font-weight:
 .series{fill:none;stroke-width:2}.legend{font-size:12px;fill:#1d2330}
 pre{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px;overflow:auto}
 .muted{color:#5b6475}
+.banner{background:#fff4e0;border:1px solid #e6b15c;border-radius:8px;padding:8px 12px;
+margin:0 0 12px}
+.note{color:#5b6475;font-size:13px;margin:2px 0 8px}
 """
 
 # The plotting script: plain DOM and SVG, no library. Kept small and boring on purpose.
@@ -152,31 +159,52 @@ _JS = r"""
   }
 
   var charts = 0;
-  var tl = data.timeline || [];
+  // Each second is plotted at its middle, its rate over its real length (the last one is
+  // partial); a last sliver too short to mean anything is not charted.
+  var tl = (data.timeline || []).filter(function (t) { return t.charted; });
+  function mid(t) { return t.second + t.length_s / 2; }
   var msgs = document.getElementById("chart-throughput");
   lineChart(msgs, {
     title: "Messages per second", xLabel: "seconds since start", yLabel: "messages / s",
     series: [
       {name: "delivered", color: "#27ae60",
-       points: tl.map(function (t) { return [t.second, t.delivered]; })},
+       points: tl.map(function (t) { return [mid(t), t.delivered / t.length_s]; })},
       {name: "failed", color: "#c0392b",
-       points: tl.map(function (t) { return [t.second, t.failed]; })}
+       points: tl.map(function (t) { return [mid(t), t.failed / t.length_s]; })}
     ]
   });
   charts++;
   lineChart(document.getElementById("chart-bytes"), {
     title: "Throughput (MB/s, 10^6 bytes)", xLabel: "seconds since start", yLabel: "MB / s",
     series: [{name: "MB/s", color: "#2e86de",
-              points: tl.map(function (t) { return [t.second, t.bytes / 1e6]; })}]
+              points: tl.map(function (t) { return [mid(t), t.bytes / 1e6 / t.length_s]; })}]
+  });
+  charts++;
+  // Latency over time: a stall shows where it happened. Seconds without a message are gaps.
+  var overTime = [
+    ["message", "p99", "#c0392b"], ["message", "p50", "#e67e22"],
+    ["eod", "p99", "#8e44ad"], ["eod", "p50", "#2e86de"]
+  ].map(function (spec) {
+    var pts = [];
+    tl.forEach(function (t) {
+      var lat = t.latency_ms && t.latency_ms[spec[0]];
+      if (lat) { pts.push([mid(t), lat[spec[1]]]); }
+    });
+    var label = spec[0] === "eod" ? "end of data" : "whole message";
+    return {name: label + " " + spec[1], color: spec[2], points: pts};
+  });
+  lineChart(document.getElementById("chart-latency-time"), {
+    title: "Latency per second (ms): p50 and p99", xLabel: "seconds since start",
+    yLabel: "milliseconds", series: overTime
   });
   charts++;
   // Percentiles on a "number of nines" axis: x = -log10(1 - p/100); max goes at the far end.
   var MAXPOS = 6;
   function nines(p) { return p >= 100 ? MAXPOS : -Math.log10(1 - p / 100); }
-  var curves = data.percentile_curves || {};
-  var series = Object.keys(curves).map(function (phase) {
-    return {name: phase,
-            points: curves[phase].map(function (pt) { return [nines(pt[0]), pt[1]]; })};
+  // Phases with the same curve (one shared measurement) come as one group, drawn once.
+  var series = (data.curve_groups || []).map(function (group) {
+    return {name: group.phases.join(" = "),
+            points: group.points.map(function (pt) { return [nines(pt[0]), pt[1]]; })};
   });
   lineChart(document.getElementById("chart-latency"), {
     title: "Latency by percentile, per phase (ms, log scale)", xLabel: "percentile",
@@ -186,8 +214,6 @@ _JS = r"""
   });
   charts++;
   document.body.setAttribute("data-charts-rendered", String(charts));
-  var status = document.getElementById("render-status");
-  if (status) { status.textContent = "rendered " + charts + " charts"; }
 })();
 """
 
@@ -203,6 +229,31 @@ def _card(label: str, value: str, cls: str = "") -> str:
 def _count_table(what: str, rows: Iterable[tuple[Any, int]]) -> str:
     body = "".join(f"<tr><td>{_e(name)}</td><td>{n:,}</td></tr>" for name, n in rows)
     return f"<table><tr><th>{_e(what)}</th><th>count</th></tr>{body}</table><p></p>"
+
+
+def curve_groups(curves: dict[str, list[list[float]]]) -> list[dict[str, Any]]:
+    """The percentile curves, phases with identical curves in one group (in report order)."""
+    groups: list[dict[str, Any]] = []
+    for phase, points in curves.items():
+        for group in groups:
+            if group["points"] == points:
+                group["phases"].append(phase)
+                break
+        else:
+            groups.append({"phases": [phase], "points": points})
+    return groups
+
+
+def _coincide_note(groups: list[dict[str, Any]]) -> str:
+    shared = [" = ".join(g["phases"]) for g in groups if len(g["phases"]) > 1]
+    if not shared:
+        return ""
+    names = "; ".join(shared)
+    return (
+        f'<p class="note">Drawn once: {_e(names)}. These phases share one measurement (with '
+        "pipelining MAIL, RCPT and DATA travel in one write and are answered together), so "
+        "their curves coincide.</p>"
+    )
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -248,10 +299,19 @@ def render_html(report: dict[str, Any]) -> str:
             + "</pre>"
         )
     shown_config = {k: v for k, v in config.items() if v not in (None, [], "")}
+    groups = curve_groups(report["percentile_curves"])
+    notes = ""
+    if report.get("interrupted"):
+        notes += (
+            '<div class="banner"><b>Interrupted.</b> The run was stopped (Ctrl-C): these '
+            "results cover only the part that ran.</div>"
+        )
+    if totals.get("ramp_up_note"):
+        notes += f'<p class="note">Note: {_e(totals["ramp_up_note"])}.</p>'
     # Inside <script>, "</" could end the element early: escape it (JSON allows "\/").
-    data = json.dumps(
-        {k: report[k] for k in ("totals", "timeline", "percentile_curves", "phases")}
-    ).replace("</", "<\\/")
+    page_data = {k: report[k] for k in ("totals", "timeline", "phases")}
+    page_data["curve_groups"] = groups
+    data = json.dumps(page_data).replace("</", "<\\/")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -260,13 +320,16 @@ def render_html(report: dict[str, Any]) -> str:
 <body><main>
 <h1>mailstorm load: {_e(config["target"])}</h1>
 <div class="sub">{_e(mode)}, {_e(config["sessions"])} sessions, started {_e(report["started_at"])}
-<span id="render-status" class="muted"></span></div>
+</div>
+{notes}
 <div class="cards">{"".join(cards)}</div>
 <h2>Throughput over time</h2>
 <div class="chart" id="chart-throughput"></div>
 <div class="chart" id="chart-bytes"></div>
+<h2>Latency over time</h2>
+<div class="chart" id="chart-latency-time"></div>
 <h2>Latency by percentile</h2>
-<div class="chart" id="chart-latency"></div>
+<div class="chart" id="chart-latency"></div>{_coincide_note(groups)}
 <h2>Latency per phase (ms)</h2>
 <table><tr><th>phase</th><th>count</th><th>min</th><th>mean</th><th>p50</th><th>p90</th>
 <th>p99</th><th>p99.9</th><th>max</th></tr>{phase_rows}</table>

@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from mailstorm.load.config import LoadConfig
-from mailstorm.load.stats import ERROR_KINDS, PHASES, RunStats, histogram_mean, value_at_percentiles
+from mailstorm.load.schedule import OpenLoopSchedule
+from mailstorm.load.stats import (
+    ERROR_KINDS,
+    PHASES,
+    RunStats,
+    counts_percentile,
+    histogram_mean,
+    value_at_percentiles,
+)
 
 __all__ = [
     "PERCENTILES",
@@ -54,6 +62,60 @@ CURVE_PERCENTILES = (
 MB = 1_000_000
 
 REPORT_VERSION = 1
+#: A last, partial second of the timeline shorter than this is left out of the charts: its
+#: rate, over so short a time, says little (the JSON keeps it, with its length).
+MIN_CHARTED_SECOND = 0.25
+#: The percentiles of the latency over time.
+OVER_TIME_PERCENTILES = ((50.0, "p50"), (99.0, "p99"))
+
+
+def timeline_rows(stats: RunStats) -> list[dict[str, Any]]:
+    """One row per second of the run: counts, the rate over the second's real length (the
+    last second is partial), and p50/p99 of end of data and whole messages in it."""
+    timeline = stats.timeline
+    seconds = len(timeline.delivered)
+    rows: list[dict[str, Any]] = []
+    for i in range(seconds):
+        length = 1.0
+        if i == seconds - 1:
+            length = round(min(1.0, max(0.0, stats.elapsed - i)), 3)
+        delivered = timeline.delivered[i]
+        latency: dict[str, dict[str, float] | None] = {}
+        for phase, per_second in timeline.latency.items():
+            counts = per_second[i] if i < len(per_second) else {}
+            latency[phase] = (
+                {key: _ms(counts_percentile(counts, p)) for p, key in OVER_TIME_PERCENTILES}
+                if counts
+                else None
+            )
+        rows.append(
+            {
+                "second": i,
+                "length_s": length,
+                "delivered": delivered,
+                "bytes": timeline.bytes[i],
+                "failed": timeline.failed[i],
+                "msg_rate": round(delivered / length, 2) if length > 0 else None,
+                "charted": length >= MIN_CHARTED_SECOND,
+                "latency_ms": latency,
+            }
+        )
+    return rows
+
+
+def ramp_up_note(config: LoadConfig, stats: RunStats) -> str | None:
+    """Open loop with a ramp-up: what average rate the schedule itself asked for over the run,
+    so a lower average against the target is not read as the server's doing."""
+    if config.rate is None or config.ramp_up <= 0:
+        return None
+    window = config.duration if config.duration is not None else stats.elapsed
+    if not window or window <= 0:
+        return None
+    expected = OpenLoopSchedule(config.rate, config.ramp_up).due_by(window) / window
+    return (
+        f"the {config.ramp_up:g}s ramp-up lowers the average: over {window:g}s the schedule "
+        f"asks for {expected:.1f} msg/s on average, against the target {config.rate:g} msg/s"
+    )
 
 
 def _ms(us: float) -> float:
@@ -87,6 +149,7 @@ def build_report(
     fail_if: dict[str, Any] | None = None,
     started_at: float | None = None,
     probe_connections: int = 0,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     """The complete report document (what ``--json`` writes).
 
@@ -100,7 +163,6 @@ def build_report(
         if hist.get_total_count():
             phases[phase] = phase_summary(hist)
             curves[phase] = percentile_curve(hist)
-    timeline = stats.timeline
     totals: dict[str, Any] = {
         "attempted": stats.attempted,
         "delivered": stats.delivered,
@@ -118,9 +180,14 @@ def build_report(
     }
     if config.rate is not None:
         totals["target_rate"] = config.rate
+        note = ramp_up_note(config, stats)
+        if note is not None:
+            totals["ramp_up_note"] = note
     return {
         "report_version": REPORT_VERSION,
         "tool": "mailstorm load",
+        # Ctrl-C ended the run: everything below covers only the part that ran.
+        "interrupted": interrupted,
         "started_at": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at if started_at else time.time())
         ),
@@ -128,12 +195,7 @@ def build_report(
         "totals": totals,
         "phases": phases,
         "percentile_curves": curves,
-        "timeline": [
-            {"second": i, "delivered": d, "bytes": b, "failed": f}
-            for i, (d, b, f) in enumerate(
-                zip(timeline.delivered, timeline.bytes, timeline.failed, strict=True)
-            )
-        ],
+        "timeline": timeline_rows(stats),
         "errors": {
             "by_kind": {k: stats.errors_by_kind[k] for k in ERROR_KINDS if stats.errors_by_kind[k]},
             "by_code": {str(c): n for c, n in sorted(stats.errors_by_code.items())},
@@ -197,6 +259,12 @@ def render_table(report: dict[str, Any], console: Console) -> None:
         f"[bold]mailstorm load[/] {config['target']}  {mode}, {config['sessions']} sessions",
         soft_wrap=True,
     )
+    if report.get("interrupted"):
+        console.print(
+            "[bold yellow]interrupted[/]: these results cover only the part of the run before "
+            "Ctrl-C",
+            soft_wrap=True,
+        )
     rate_line = f"{totals['msg_rate']:.1f} msg/s, {totals['mb_rate']:.2f} MB/s"
     if "target_rate" in totals:
         rate_line += f" (target {totals['target_rate']:g} msg/s)"
@@ -212,6 +280,8 @@ def render_table(report: dict[str, Any], console: Console) -> None:
         ),
         soft_wrap=True,
     )
+    if totals.get("ramp_up_note"):
+        console.print(f"note: {totals['ramp_up_note']}", markup=False, soft_wrap=True)
     reconnects = totals.get("reconnects")
     if reconnects:
         reasons = ", ".join(

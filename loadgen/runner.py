@@ -105,15 +105,22 @@ LOOP_LAG_PERIOD = 0.01
 
 
 async def _sample_loop_lag(stats: RunStats) -> None:
-    """Sleep ``LOOP_LAG_PERIOD`` over and over and record how late each wake-up is.
+    """Sleep ``LOOP_LAG_PERIOD`` over and over and record how late each wake-up is; and at
+    each whole second of the run, close that second's latencies (the report's latency over
+    time).
 
     A saturated generator wakes late; its latencies then include its own delay, which the
     report says rather than passing it off as the server's.
     """
+    next_second = stats.started + 1.0
     while True:
         before = trio.current_time()
         await trio.sleep(LOOP_LAG_PERIOD)
-        stats.record_loop_lag(trio.current_time() - before - LOOP_LAG_PERIOD)
+        now = trio.current_time()
+        stats.record_loop_lag(now - before - LOOP_LAG_PERIOD)
+        while now >= next_second:
+            stats.close_second()
+            next_second += 1.0
 
 
 async def run_load(
@@ -184,6 +191,7 @@ async def run_load(
             raise KeyboardInterrupt from None
         raise
     finally:
+        stats.close_second()  # the last, partial second
         stats.wall = trio.current_time() - start
         stats.cpu_s = time.process_time() - cpu_start
         stats.elapsed = (stats.last_message_at - start) if stats.last_message_at else 0.0

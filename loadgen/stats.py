@@ -21,10 +21,12 @@ from mailstorm.wire.client import PHASES as CLIENT_PHASES
 __all__ = [
     "ERROR_KINDS",
     "HIGHEST_US",
+    "PER_SECOND_PHASES",
     "PHASES",
     "PhaseHistograms",
     "RunStats",
     "Timeline",
+    "counts_percentile",
     "histogram_mean",
     "new_histogram",
     "value_at_percentiles",
@@ -57,6 +59,10 @@ _SIGNIFICANT_FIGURES = 3
 MAX_PENDING_VALUES = 50_000
 #: How many distinct error texts a report keeps as examples.
 MAX_ERROR_SAMPLES = 20
+#: Phases whose latency is also kept per second of the run (the report's latency over time).
+PER_SECOND_PHASES = ("eod", "message")
+#: Significant digits of the per-second latencies (a value is kept to within 1%).
+_PER_SECOND_DIGITS = 3
 
 
 def new_histogram() -> HdrHistogram:
@@ -122,11 +128,15 @@ class PhaseHistograms:
     recorded one by one.
     """
 
-    __slots__ = ("_hists", "_pending")
+    __slots__ = ("_carry", "_hists", "_pending", "_seen")
 
     def __init__(self) -> None:
         self._hists: dict[str, HdrHistogram] = {phase: new_histogram() for phase in PHASES}
         self._pending: dict[str, dict[int, int]] = {phase: {} for phase in PHASES}
+        #: For ``take_recent``: each per-second phase's pending counts at the last take, and
+        #: the counts flushed out of pending since then.
+        self._seen: dict[str, dict[int, int]] = {phase: {} for phase in PER_SECOND_PHASES}
+        self._carry: dict[str, dict[int, int]] = {phase: {} for phase in PER_SECOND_PHASES}
 
     def record(self, phase: str, seconds: float) -> int:
         """Count one latency; returns it as recorded, in whole microseconds."""
@@ -141,8 +151,31 @@ class PhaseHistograms:
             self._flush(phase)
         return us
 
+    def take_recent(self, phase: str) -> dict[int, int]:
+        """The latencies (us -> count) ``phase`` recorded since the previous call: one second
+        of the run, for the report's latency over time. Costs a pass over the phase's pending
+        counts, once a second; ``record`` is not slowed down."""
+        recent = self._carry[phase]
+        self._carry[phase] = {}
+        seen = self._seen[phase]
+        for us, count in self._pending[phase].items():
+            new = count - seen.get(us, 0)
+            if new:
+                recent[us] = recent.get(us, 0) + new
+        self._seen[phase] = dict(self._pending[phase])
+        return recent
+
     def _flush(self, phase: str) -> None:
         pending = self._pending[phase]
+        seen = self._seen.get(phase)
+        if seen is not None:
+            # Counts not yet taken by ``take_recent`` wait in the carry.
+            carry = self._carry[phase]
+            for us, count in pending.items():
+                new = count - seen.get(us, 0)
+                if new:
+                    carry[us] = carry.get(us, 0) + new
+            seen.clear()
         record = self._hists[phase].record_value
         for us, count in pending.items():
             record(us, count)
@@ -178,15 +211,50 @@ class PhaseHistograms:
         return self
 
 
-class Timeline:
-    """Per-second counts since the start of the run: delivered messages, bytes, failures."""
+def _significant(us: int) -> int:
+    """``us`` cut to ``_PER_SECOND_DIGITS`` significant digits (within 1% below it)."""
+    digits = len(str(us))
+    if digits <= _PER_SECOND_DIGITS:
+        return us
+    unit = 10 ** (digits - _PER_SECOND_DIGITS)
+    return us - us % unit
 
-    __slots__ = ("bytes", "delivered", "failed")
+
+def counts_percentile(counts: dict[int, int], percentile: float) -> int:
+    """The ``percentile`` of latencies given as value -> count (0 when there are none)."""
+    total = sum(counts.values())
+    if not total:
+        return 0
+    rank = max(1, math.ceil(percentile / 100 * total))
+    running = 0
+    for value in sorted(counts):
+        running += counts[value]
+        if running >= rank:
+            return value
+    return max(counts)
+
+
+class Timeline:
+    """Per-second counts since the start of the run: delivered messages, bytes, failures; and
+    the latencies of ``PER_SECOND_PHASES`` per second (us, to 3 significant digits -> count),
+    closed by ``close_second`` as the run goes."""
+
+    __slots__ = ("bytes", "delivered", "failed", "latency")
 
     def __init__(self) -> None:
         self.delivered: list[int] = []
         self.bytes: list[int] = []
         self.failed: list[int] = []
+        self.latency: dict[str, list[dict[int, int]]] = {p: [] for p in PER_SECOND_PHASES}
+
+    def close_second(self, phases: PhaseHistograms) -> None:
+        """One more second of the run is over: keep its latencies."""
+        for phase, seconds in self.latency.items():
+            counts: dict[int, int] = {}
+            for us, n in phases.take_recent(phase).items():
+                key = _significant(us)
+                counts[key] = counts.get(key, 0) + n
+            seconds.append(counts)
 
     def _grow(self, second: int) -> None:
         missing = second + 1 - len(self.delivered)
@@ -207,6 +275,12 @@ class Timeline:
         self.failed[second] += 1
 
     def merge(self, other: Timeline) -> None:
+        for phase, seconds in other.latency.items():
+            mine = self.latency.setdefault(phase, [])
+            mine.extend({} for _ in range(len(seconds) - len(mine)))
+            for i, counts in enumerate(seconds):
+                for us, n in counts.items():
+                    mine[i][us] = mine[i].get(us, 0) + n
         self._grow(len(other.delivered) - 1)
         for i, v in enumerate(other.delivered):
             self.delivered[i] += v
@@ -215,15 +289,25 @@ class Timeline:
         for i, v in enumerate(other.failed):
             self.failed[i] += v
 
-    def to_dict(self) -> dict[str, list[int]]:
-        return {"delivered": self.delivered, "bytes": self.bytes, "failed": self.failed}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "delivered": self.delivered,
+            "bytes": self.bytes,
+            "failed": self.failed,
+            "latency": {
+                phase: [sorted(counts.items()) for counts in seconds]
+                for phase, seconds in self.latency.items()
+            },
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, list[int]]) -> Timeline:
+    def from_dict(cls, data: dict[str, Any]) -> Timeline:
         self = cls()
         self.delivered = list(data["delivered"])
         self.bytes = list(data["bytes"])
         self.failed = list(data["failed"])
+        for phase, seconds in data.get("latency", {}).items():
+            self.latency[phase] = [{int(us): n for us, n in pairs} for pairs in seconds]
         return self
 
 
@@ -282,6 +366,11 @@ class RunStats:
         us = self.phases.record("message", latency)
         interval = self.interval
         interval[us] = interval.get(us, 0) + 1
+
+    def close_second(self) -> None:
+        """A second of the run is over (or the run is, for its last partial second): keep the
+        latencies of ``PER_SECOND_PHASES`` recorded in it."""
+        self.timeline.close_second(self.phases)
 
     def record_loop_lag(self, seconds: float) -> None:
         self.loop_lag[max(0, math.ceil(seconds * 1000))] += 1

@@ -268,6 +268,10 @@ class FakeBehavior:
     #: Close the connection (no 421) right after answering this many messages on it, as a
     #: server closing idle connections does.
     close_after_messages: int = 0
+    #: The message with this number (1-based, over the server's life) waits ``stall``
+    #: seconds before its end of data is answered.
+    stall_at: int = 0
+    stall: float = 0.0
 
 
 @dataclass
@@ -404,6 +408,8 @@ class FakeServer:
         b = self.behavior
         if b.eod_delay:
             await trio.sleep(b.eod_delay)
+        if b.stall_at and self.ended == b.stall_at:
+            await trio.sleep(b.stall)
         reply = b.eod_reply_nth if b.nth and self.ended % b.nth == 0 else b.eod_reply
         await stream.send_all(reply)
         if reply.startswith(b"2"):

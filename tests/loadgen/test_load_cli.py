@@ -261,11 +261,15 @@ def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path
             timeout=120,
         )
     dom = result.stdout
-    assert 'data-charts-rendered="3"' in dom, result.stderr[-2000:]
-    assert "rendered 3 charts" in dom
-    # Throughput (delivered, failed), MB/s, and one latency curve per phase were drawn.
-    assert dom.count('class="series"') >= 3 + 9
+    assert 'data-charts-rendered="4"' in dom, result.stderr[-2000:]
+    assert "rendered " not in page and "render-status" not in page  # no debug text
+    # Throughput (delivered, failed), MB/s, latency over time (p50/p99 of end of data and of
+    # whole messages), and one latency curve per phase, coinciding ones once.
+    assert 'data-series="end of data p99"' in dom and 'data-series="whole message p50"' in dom
     assert 'data-series="eod"' in dom and 'data-series="delivered"' in dom
+    # smtp-sink offers PIPELINING: MAIL, RCPT and DATA share one measurement, drawn once.
+    assert 'data-series="mail = rcpt = data"' in dom and 'data-series="mail"' not in dom
+    assert "Drawn once: mail = rcpt = data" in page
 
 
 def test_a_run_that_delivers_nothing_exits_3(smtp_sink: Callable[..., Any]) -> None:
