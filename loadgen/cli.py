@@ -9,6 +9,7 @@ or ``--procs`` runner, the live display, the final table, the JSON and HTML repo
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -40,6 +41,18 @@ if TYPE_CHECKING:
     from mailstorm.load.live import ProgressDisplay
 
 __all__ = ["main"]
+
+
+class _ClosedPipeTolerantConsole(Console):
+    """The table's console: when standard output is closed early (``| head``), the rest of
+    the table goes nowhere instead of ending the program (rich's default is to exit with
+    status 1, silently, before the --json and --html reports are written)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 DESCRIPTION = """\
 Load an SMTP or LMTP server with many concurrent sessions and report throughput and
@@ -88,7 +101,8 @@ failed, delivered, attempted, msg_rate, mb_rate; combined with and, or, not, par
 
 exit status: 0 done, 1 the --fail-if expression is true, 2 bad usage, 3 no message was
 delivered at all, 4 target unreachable (the probe before the run could not connect; no
-report), 130 interrupted."""
+report), 130 interrupted. A standard output closed early (| head) cuts the table short but
+changes neither the status nor the --json and --html reports."""
 
 #: Exit status of a run in which every attempted message failed.
 NOTHING_DELIVERED = 3
@@ -580,7 +594,7 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
         probe_connections=1,
         interrupted=status == INTERRUPTED,
     )
-    console = Console(highlight=False)
+    console = _ClosedPipeTolerantConsole(highlight=False)
     render_table(report, console)
     if config.json_path:
         write_json(report, config.json_path)

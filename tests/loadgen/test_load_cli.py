@@ -316,3 +316,28 @@ def test_options_reach_the_config_through_its_fields() -> None:
     report = config.to_report()
     assert report["ehlo"] == "client.test" and report["auth_password"] == "***"
     assert "client" not in report and report["lmtp"] is True
+
+
+def test_a_closed_stdout_keeps_the_status_and_the_reports(
+    smtp_sink: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`mailstorm load ... | head` (issue 15, item 6): the reader goes away before the table;
+    the run still exits with its own status, silently, and writes its reports (rich's default
+    was exit status 1, before the reports)."""
+    sink = smtp_sink()
+    json_path = tmp_path / "r.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{sink.port}", "--sessions", "2",
+         "--messages", "20", "--quiet", "--json", str(json_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # as `| head` does once it has its lines: here, before any
+    try:
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 0, stderr
+    finally:
+        process.kill()
+        process.wait()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert json.loads(json_path.read_text())["totals"]["delivered"] == 20
