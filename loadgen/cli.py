@@ -323,6 +323,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     g.add_argument("--ca-file", metavar="FILE", help="verify against the CAs in this PEM file")
     g.add_argument(
+        "--no-tls-resume",
+        dest="tls_resume",
+        action="store_false",
+        help="a full TLS handshake on every connection (by default a session resumes its TLS "
+        "session, ticket or ID, on its next connection, as real clients do; the report "
+        "times full and resumed handshakes apart)",
+    )
+    g.add_argument(
         "--tls-server-name",
         metavar="NAME",
         help="name for SNI and verification (default: the target host)",

@@ -133,6 +133,9 @@ class LoadConfig:
     fail_if: str | None = None
     source_addresses: list[str] = field(default_factory=list)
     tls_verify: bool = False
+    #: Offer each session's TLS session (ticket) again on its next connection, as real
+    #: clients do (``--no-tls-resume``: a full handshake every time).
+    tls_resume: bool = True
     ca_file: str | None = None
     tls_server_name: str | None = None
     quiet: bool = False

@@ -256,6 +256,36 @@ def _coincide_note(groups: list[dict[str, Any]]) -> str:
     )
 
 
+def _connections_html(report: dict[str, Any]) -> str:
+    """Reconnects, back-off and TLS handshakes, where there were any."""
+    rows: list[tuple[str, str]] = []
+    totals = report["totals"]
+    for reason, n in (totals.get("reconnects") or {}).items():
+        why = "a 421" if reason == "421" else "the server closed the connection"
+        rows.append((f"reconnects after {why} (the message went again)", f"{n:,}"))
+    backoff = report.get("backoff") or {}
+    if backoff.get("waits"):
+        rows.append(
+            (
+                f"back-offs after failed connections ({backoff['min_s']:g}s to "
+                f"{backoff['max_s']:g}s)",
+                f"{backoff['waits']:,} ({backoff['seconds']:.1f}s)",
+            )
+        )
+        if backoff.get("messages_not_started"):
+            rows.append(("messages due while backing off", f"{backoff['messages_not_started']:,}"))
+    tls = report.get("tls") or {}
+    if tls.get("full_handshakes") or tls.get("resumed_handshakes"):
+        rows.append(("TLS full handshakes", f"{tls['full_handshakes']:,}"))
+        rows.append(("TLS resumed handshakes", f"{tls['resumed_handshakes']:,}"))
+        for name, n in tls.get("versions_and_ciphers", {}).items():
+            rows.append((f"TLS {name}", f"{n:,}"))
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<h2>Connections</h2><table><tr><th>what</th><th>count</th></tr>{body}</table>"
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole page as a string."""
     totals = report["totals"]
@@ -333,6 +363,7 @@ def render_html(report: dict[str, Any]) -> str:
 <h2>Latency per phase (ms)</h2>
 <table><tr><th>phase</th><th>count</th><th>min</th><th>mean</th><th>p50</th><th>p90</th>
 <th>p99</th><th>p99.9</th><th>max</th></tr>{phase_rows}</table>
+{_connections_html(report)}
 <h2>Errors</h2>{error_html}{fail_html}
 <h2>Configuration</h2><pre>{_e(json.dumps(shown_config, indent=2))}</pre>
 </main>

@@ -107,6 +107,7 @@ class LoadProtocol:
         "_per_connection",
         "_retry_reason",
         "_rng",
+        "_tls_session",
         "_waiting",
         "backoff_until",
         "config",
@@ -156,6 +157,8 @@ class LoadProtocol:
         #: Clock reading until which the session backs off (0.0: it does not).
         self.backoff_until = 0.0
         self._rng = rng if rng is not None else random.Random()
+        #: The TLS session of the latest connection, to resume on the next (``--tls-resume``).
+        self._tls_session: ssl.SSLSession | None = None
 
     # -- messages --------------------------------------------------------------------------
 
@@ -295,9 +298,24 @@ class LoadProtocol:
         kind = "refused" if exc.errno == errno.ECONNREFUSED else "connect"
         return LoadFailure(kind, f"connect: {exc.strerror or exc}")
 
-    def tls_done(self, elapsed: float) -> None:
-        """A TLS handshake (implicit TLS, or after STARTTLS) took ``elapsed``."""
-        self.stats.phases.record("tls", elapsed)
+    def tls_session_to_offer(self) -> ssl.SSLSession | None:
+        """The TLS session to resume in the next handshake, if any (``--no-tls-resume``:
+        none, every handshake is full)."""
+        return self._tls_session if self.config.tls_resume else None
+
+    def tls_done(
+        self, elapsed: float, *, resumed: bool = False, version: str = "", cipher: str = ""
+    ) -> None:
+        """A TLS handshake (implicit TLS, or after STARTTLS) took ``elapsed``: timed as a
+        full or a resumed one, its version and cipher counted."""
+        self.stats.phases.record("tls_resumed" if resumed else "tls", elapsed)
+        self.stats.tls_ciphers[f"{version} {cipher}".strip() or "unknown"] += 1
+
+    def keep_tls_session(self, session: ssl.SSLSession | None) -> None:
+        """The connection's TLS session once it is set up (a TLS 1.3 ticket comes after the
+        handshake, so it is taken once the server has answered over TLS)."""
+        if self.config.tls_resume and session is not None:
+            self._tls_session = session
 
     def tls_failed(self, cause: BaseException) -> LoadFailure:
         return LoadFailure("tls", f"TLS handshake: {cause}")

@@ -203,6 +203,12 @@ def build_report(
                 {"error": text, "count": n} for text, n in stats.error_samples.most_common()
             ],
         },
+        "tls": {
+            "resume": config.tls_resume,
+            "full_handshakes": stats.phases.by_phase["tls"].get_total_count(),
+            "resumed_handshakes": stats.phases.by_phase["tls_resumed"].get_total_count(),
+            "versions_and_ciphers": dict(stats.tls_ciphers.most_common()),
+        },
         "backoff": {
             "min_s": config.backoff_min,
             "max_s": config.backoff_max,
@@ -291,6 +297,16 @@ def render_table(report: dict[str, Any], console: Console) -> None:
         console.print(
             f"reconnects (the server ended a connection between messages; the message went "
             f"again on a new one): {reasons}",
+            soft_wrap=True,
+        )
+    tls = report.get("tls")
+    if tls and (tls["full_handshakes"] or tls["resumed_handshakes"]):
+        ciphers = ", ".join(f"{name} x{n}" for name, n in tls["versions_and_ciphers"].items())
+        console.print(
+            f"TLS: {tls['full_handshakes']} full handshakes, {tls['resumed_handshakes']} "
+            f"resumed (resumption {'on' if tls['resume'] else 'off, --no-tls-resume'}); "
+            f"{ciphers}",
+            markup=False,
             soft_wrap=True,
         )
     backoff = report.get("backoff")

@@ -247,6 +247,8 @@ class LoadSession:
         while True:
             action = await self._pump()
             if action is Action.READY:
+                if isinstance(self.stream, trio.SSLStream):
+                    protocol.keep_tls_session(self.stream.session)
                 return
             if action is Action.START_TLS:
                 self.stream = await self._handshake(self.stream)
@@ -262,11 +264,20 @@ class LoadSession:
         tls = trio.SSLStream(
             stream, ctx.ssl_context, server_hostname=ctx.server_hostname, https_compatible=False
         )
+        offer = self.protocol.tls_session_to_offer()
+        if offer is not None:
+            tls.session = offer
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise self.protocol.tls_failed(exc.__cause__ or exc) from None
-        self.protocol.tls_done(trio.current_time() - started)
+        cipher = tls.cipher()
+        self.protocol.tls_done(
+            trio.current_time() - started,
+            resumed=bool(tls.session_reused),
+            version=tls.version() or "",
+            cipher=cipher[0] if cipher else "",
+        )
         return tls
 
     # -- the I/O pump ----------------------------------------------------------------------

@@ -32,10 +32,11 @@ __all__ = [
     "value_at_percentiles",
 ]
 
-#: Timed phases in report order. ``tls`` is the handshake of implicit TLS (smtps://), ``bdat``
-#: an intermediate BDAT chunk, ``message`` a whole message from its (scheduled) start to the 2xx
-#: to its end of data.
-PHASES = ("connect", "tls", *CLIENT_PHASES, "message")
+#: Timed phases in report order. ``tls`` is a full TLS handshake (implicit TLS, smtps://, or
+#: after STARTTLS), ``tls_resumed`` one that resumed an earlier TLS session, ``bdat`` an
+#: intermediate BDAT chunk, ``message`` a whole message from its (scheduled) start to the 2xx to
+#: its end of data.
+PHASES = ("connect", "tls", "tls_resumed", *CLIENT_PHASES, "message")
 
 #: Error kinds, in report order. ``connect`` is a connect failure other than a refusal (no
 #: route, no free local port), ``tls`` a failed TLS handshake or TLS error, ``backoff`` a
@@ -355,6 +356,8 @@ class RunStats:
     #: Back-offs after failed connections, and the seconds they added up to.
     backoffs: int = 0
     backoff_s: float = 0.0
+    #: TLS handshakes by protocol version and cipher ("TLSv1.3 TLS_AES_256_GCM_SHA384").
+    tls_ciphers: Counter[str] = field(default_factory=Counter)
 
     # -- recording (hot path) --------------------------------------------------------------
 
@@ -456,6 +459,7 @@ class RunStats:
             "reconnects": dict(self.reconnects),
             "backoffs": self.backoffs,
             "backoff_s": self.backoff_s,
+            "tls_ciphers": dict(self.tls_ciphers),
         }
 
     @classmethod
@@ -479,6 +483,7 @@ class RunStats:
             reconnects=Counter(data.get("reconnects", {})),
             backoffs=data.get("backoffs", 0),
             backoff_s=data.get("backoff_s", 0.0),
+            tls_ciphers=Counter(data.get("tls_ciphers", {})),
         )
 
     def merge(self, other: RunStats) -> None:
@@ -500,6 +505,7 @@ class RunStats:
         self.reconnects.update(other.reconnects)
         self.backoffs += other.backoffs
         self.backoff_s += other.backoff_s
+        self.tls_ciphers.update(other.tls_ciphers)
         for detail, count in other.error_samples.items():
             if detail in self.error_samples or len(self.error_samples) < MAX_ERROR_SAMPLES:
                 self.error_samples[detail] += count
