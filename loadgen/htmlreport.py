@@ -162,27 +162,29 @@ _JS = r"""
   // Each second is plotted at its middle, its rate over its real length (the last one is
   // partial); a last sliver too short to mean anything is not charted.
   var tl = (data.timeline || []).filter(function (t) { return t.charted; });
+  // Throughput leaves out the drain after --duration (messages finishing, none starting).
+  var run = tl.filter(function (t) { return !t.drain; });
   function mid(t) { return t.second + t.length_s / 2; }
   var msgs = document.getElementById("chart-throughput");
   lineChart(msgs, {
     title: "Messages per second", xLabel: "seconds since start", yLabel: "messages / s",
     series: [
       {name: "delivered", color: "#27ae60",
-       points: tl.map(function (t) { return [mid(t), t.delivered / t.length_s]; })},
+       points: run.map(function (t) { return [mid(t), t.delivered / t.length_s]; })},
       {name: "failed", color: "#c0392b",
-       points: tl.map(function (t) { return [mid(t), t.failed / t.length_s]; })}
+       points: run.map(function (t) { return [mid(t), t.failed / t.length_s]; })}
     ]
   });
   charts++;
   lineChart(document.getElementById("chart-bytes"), {
     title: "Throughput (MB/s, 10^6 bytes)", xLabel: "seconds since start", yLabel: "MB / s",
     series: [{name: "MB/s", color: "#2e86de",
-              points: tl.map(function (t) { return [mid(t), t.bytes / 1e6 / t.length_s]; })}]
+              points: run.map(function (t) { return [mid(t), t.bytes / 1e6 / t.length_s]; })}]
   });
   charts++;
   // Latency over time: a stall shows where it happened. Seconds without a message are gaps.
   var overTime = [
-    ["message", "p99", "#c0392b"], ["message", "p50", "#e67e22"],
+    ["message", "max", "#f5b7b1"], ["message", "p99", "#c0392b"], ["message", "p50", "#e67e22"],
     ["eod", "p99", "#8e44ad"], ["eod", "p50", "#2e86de"]
   ].map(function (spec) {
     var pts = [];
@@ -194,7 +196,7 @@ _JS = r"""
     return {name: label + " " + spec[1], color: spec[2], points: pts};
   });
   lineChart(document.getElementById("chart-latency-time"), {
-    title: "Latency per second (ms): p50 and p99", xLabel: "seconds since start",
+    title: "Latency per second (ms): p50, p99 and max", xLabel: "seconds since start",
     yLabel: "milliseconds", series: overTime
   });
   charts++;
@@ -242,6 +244,18 @@ def curve_groups(curves: dict[str, list[list[float]]]) -> list[dict[str, Any]]:
         else:
             groups.append({"phases": [phase], "points": points})
     return groups
+
+
+def _drain_note(timeline: list[dict[str, Any]]) -> str:
+    drain = [row for row in timeline if row.get("drain")]
+    if not drain:
+        return ""
+    finished = sum(row["delivered"] + row["failed"] for row in drain)
+    return (
+        f'<p class="note">Not drawn: {finished:,} messages that ended in the '
+        f"{len(drain)} second(s) after --duration, when no message started any more (their "
+        "latency is in the chart below).</p>"
+    )
 
 
 def _coincide_note(groups: list[dict[str, Any]]) -> str:
@@ -355,7 +369,7 @@ def render_html(report: dict[str, Any]) -> str:
 <div class="cards">{"".join(cards)}</div>
 <h2>Throughput over time</h2>
 <div class="chart" id="chart-throughput"></div>
-<div class="chart" id="chart-bytes"></div>
+<div class="chart" id="chart-bytes"></div>{_drain_note(report["timeline"])}
 <h2>Latency over time</h2>
 <div class="chart" id="chart-latency-time"></div>
 <h2>Latency by percentile</h2>

@@ -65,13 +65,17 @@ REPORT_VERSION = 1
 #: A last, partial second of the timeline shorter than this is left out of the charts: its
 #: rate, over so short a time, says little (the JSON keeps it, with its length).
 MIN_CHARTED_SECOND = 0.25
-#: The percentiles of the latency over time.
-OVER_TIME_PERCENTILES = ((50.0, "p50"), (99.0, "p99"))
+#: The percentiles of the latency over time (max: one slow message among hundreds a second
+#: does not move p99).
+OVER_TIME_PERCENTILES = ((50.0, "p50"), (99.0, "p99"), (100.0, "max"))
 
 
-def timeline_rows(stats: RunStats) -> list[dict[str, Any]]:
+def timeline_rows(stats: RunStats, duration: float | None = None) -> list[dict[str, Any]]:
     """One row per second of the run: counts, the rate over the second's real length (the
-    last second is partial), and p50/p99 of end of data and whole messages in it."""
+    last second is partial), and p50/p99/max of end of data and whole messages in it.
+
+    Seconds from ``duration`` (``--duration``) on are the drain (``"drain": true``): no
+    message starts in them, the ones in flight finish, so their rates are no throughput."""
     timeline = stats.timeline
     seconds = len(timeline.delivered)
     rows: list[dict[str, Any]] = []
@@ -97,6 +101,7 @@ def timeline_rows(stats: RunStats) -> list[dict[str, Any]]:
                 "failed": timeline.failed[i],
                 "msg_rate": round(delivered / length, 2) if length > 0 else None,
                 "charted": length >= MIN_CHARTED_SECOND,
+                "drain": duration is not None and i >= duration,
                 "latency_ms": latency,
             }
         )
@@ -195,7 +200,7 @@ def build_report(
         "totals": totals,
         "phases": phases,
         "percentile_curves": curves,
-        "timeline": timeline_rows(stats),
+        "timeline": timeline_rows(stats, config.duration),
         "errors": {
             "by_kind": {k: stats.errors_by_kind[k] for k in ERROR_KINDS if stats.errors_by_kind[k]},
             "by_code": {str(c): n for c, n in sorted(stats.errors_by_code.items())},
