@@ -225,9 +225,9 @@ def build_report(
         "generator": {
             "loop_lag_p99_ms": stats.loop_lag_ms(0.99),
             "loop_lag_max_ms": stats.loop_lag_ms(1.0),
-            # Only when connections were made: failed connects alone (a server that is down)
-            # say nothing about the generator's own pace.
-            "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS and stats.connections > 0,
+            # Only when messages got through: failed connections alone (a server that is down,
+            # refuses or closes at once) say nothing about the generator's own pace.
+            "saturated": stats.loop_lag_ms(0.99) > SATURATED_LAG_MS and stats.delivered > 0,
             # The generator's own cost (every process, start-up excluded): the number to
             # compare with another driver's CPU per message.
             "cpu_s": round(stats.cpu_s, 3),

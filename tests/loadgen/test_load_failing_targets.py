@@ -161,5 +161,7 @@ def test_no_saturation_warning_from_failed_connects_alone() -> None:
     out = io.StringIO()
     render_table(report, Console(file=out, width=200))
     assert "saturated" not in out.getvalue()
-    stats.connections = 1
+    stats.connections = 100  # connections that failed at once (accepted and closed)
+    assert build_report(config, stats)["generator"]["saturated"] is False
+    stats.message_delivered(1.0, 0.001, 1000)
     assert build_report(config, stats)["generator"]["saturated"] is True

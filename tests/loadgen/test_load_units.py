@@ -317,13 +317,13 @@ def test_report_says_when_the_generator_was_saturated() -> None:
     from mailstorm.load.stats import RunStats
 
     stats = RunStats()
-    stats.connections = 1
+    stats.message_delivered(1.0, 0.001, 1000)
     for _ in range(10):
         stats.record_loop_lag(0.2)
     report = build_report(LoadConfig(target=parse_target("127.0.0.1:25")), stats)
     assert report["generator"] == {"loop_lag_p99_ms": 200, "loop_lag_max_ms": 200,
                                    "saturated": True, "cpu_s": 0.0,
-                                   "cpu_per_1000_messages": None,
+                                   "cpu_per_1000_messages": 0.0,
                                    "unpipelined_connections": 0}
     out = io.StringIO()
     render_table(report, Console(file=out, width=200))
