@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
     try:
         source = config.source_addresses[0] if config.source_addresses else None
-        probe_target(config.target, config.timeout, source)
+        config.probed_address = probe_target(config.target, config.timeout, source)
     except TargetUnreachable as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return TARGET_UNREACHABLE

@@ -140,6 +140,9 @@ class LoadConfig:
     tls_server_name: str | None = None
     quiet: bool = False
     progress_interval: float = 1.0
+    #: (address family, socket address) the probe before the run connected to: the run
+    #: connects there without resolving and probing the name again (None: it does).
+    probed_address: tuple[int, tuple[Any, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.target.lmtp and not self.client.lmtp:

@@ -10,6 +10,7 @@ and never decides what the caller does with the answer (the CLI exits with
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from mailstorm.load.config import ConfigError, Target
 
@@ -28,10 +29,13 @@ def _where(target: Target) -> str:
     return f"{host}:{target.port}"
 
 
-def probe_target(target: Target, timeout: float, source_address: str | None = None) -> None:
+def probe_target(
+    target: Target, timeout: float, source_address: str | None = None
+) -> tuple[int, tuple[Any, ...]]:
     """Connect once to ``target`` (each address it resolves to, in order, until one accepts)
-    and close; raises ``TargetUnreachable`` when none does within the timeout, and
-    ``ConfigError`` (a usage error) for a name that does not resolve."""
+    and close; return the address family and socket address that accepted, for the run to
+    use without probing again. Raises ``TargetUnreachable`` when none accepts within the
+    timeout, and ``ConfigError`` (a usage error) for a name that does not resolve."""
     wait = min(timeout, PROBE_TIMEOUT)
     where = _where(target)
     try:
@@ -58,7 +62,7 @@ def probe_target(target: Target, timeout: float, source_address: str | None = No
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
         else:
-            return
+            return family, address
         finally:
             sock.close()
     raise TargetUnreachable(f"cannot connect to {where}: {reason}")

@@ -33,6 +33,8 @@ async def resolve_target(config: LoadConfig) -> tuple[int, tuple]:
     A name with several addresses (``localhost``: ::1 and 127.0.0.1) is probed once, in order,
     and the first that accepts a connection is used for the whole run.
     """
+    if config.probed_address is not None:
+        return config.probed_address
     target = config.target
     try:
         infos = await trio.socket.getaddrinfo(

@@ -9,7 +9,9 @@ back-off's minimum wait, which a slow machine can only lengthen.
 from __future__ import annotations
 
 import io
+import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from rich.console import Console
 
 from mailstorm.load.cli import TARGET_UNREACHABLE, main
 from mailstorm.load.config import LoadConfig, Target
+from mailstorm.load.probe import probe_target
 from mailstorm.load.protocol import LoadFailure, LoadProtocol
 from mailstorm.load.report import build_report, render_table
 from mailstorm.load.stats import RunStats
@@ -165,3 +168,32 @@ def test_no_saturation_warning_from_failed_connects_alone() -> None:
     assert build_report(config, stats)["generator"]["saturated"] is False
     stats.message_delivered(1.0, 0.001, 1000)
     assert build_report(config, stats)["generator"]["saturated"] is True
+
+
+async def test_the_run_connects_where_the_probe_did_without_resolving_again(
+    fake_smtp: Callable[..., Any], load_config: Callable[..., LoadConfig]
+) -> None:
+    server = await fake_smtp()
+    config = load_config(
+        server.port, target=Target("no-such-host.invalid", server.port), sessions=1, messages=2
+    )
+    config.probed_address = probe_target(Target("127.0.0.1", server.port), 5.0)
+    stats = await run(config)
+    assert stats.delivered == 2
+    assert server.connections == 2  # the probe's and the run's: no second probe
+
+
+def test_the_server_sees_the_probe_and_the_runs_connections_only(
+    smtp_sink: Callable[..., Any], tmp_path: Path
+) -> None:
+    sink = smtp_sink()  # its fixture's own readiness check is its first session
+    json_path = tmp_path / "r.json"
+    argv = [f"127.0.0.1:{sink.port}", "--sessions", "3", "--messages", "12", "-q"]
+    assert main([*argv, "--json", str(json_path)]) == 0
+    totals = json.loads(json_path.read_text())["totals"]
+    assert totals["probe_connections"] == 1 and totals["connections"] == 3
+    assert sink.wait_for_messages(12) == 12
+    deadline = time.monotonic() + 10
+    while sink.counters()["sess"] < 1 + 1 + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.counters()["sess"] == 1 + 1 + 3
