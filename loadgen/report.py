@@ -85,8 +85,8 @@ def timeline_rows(stats: RunStats, duration: float | None = None) -> list[dict[s
             length = round(min(1.0, max(0.0, stats.elapsed - i)), 3)
         delivered = timeline.delivered[i]
         latency: dict[str, dict[str, float] | None] = {}
-        for phase, per_second in timeline.latency.items():
-            counts = per_second[i] if i < len(per_second) else {}
+        for phase in timeline.latency:
+            counts = timeline.latency_counts(phase, i)
             latency[phase] = (
                 {key: _ms(counts_percentile(counts, p)) for p, key in OVER_TIME_PERCENTILES}
                 if counts

@@ -65,9 +65,10 @@ async def test_a_stall_shows_in_the_second_it_happened(
     assert stats.delivered == 40
     rows = build_report(config, stats)["timeline"]
     # Every message's latencies are in exactly one second.
-    per_second = stats.timeline.latency
-    assert sum(sum(c.values()) for c in per_second["message"]) == 40
-    assert sum(sum(c.values()) for c in per_second["eod"]) == 40
+    timeline = stats.timeline
+    for phase in ("message", "eod"):
+        seconds = range(len(timeline.latency[phase]))
+        assert sum(sum(timeline.latency_counts(phase, i).values()) for i in seconds) == 40
     # The stalled message's end of data waited at least `stall` in the server.
     stalled = [r for r in rows if r["latency_ms"]["eod"] and r["latency_ms"]["eod"]["p99"]]
     assert max(r["latency_ms"]["eod"]["p99"] for r in stalled) >= stall * 1000 * 0.99
@@ -124,3 +125,25 @@ def test_an_interrupted_run_says_so_and_the_console_says_where_reports_went(
     assert f"HTML report written to {html_path}" in out
     assert json.loads(json_path.read_text())["interrupted"] is True
     assert "Interrupted." in html_path.read_text()
+
+
+def test_per_second_latencies_merge_exactly_across_processes() -> None:
+    """--procs: each worker's seconds travel as plain data and add up bucket by bucket."""
+    workers = []
+    for latencies in ((0.001, 0.001, 0.250), (0.001, 0.500)):
+        stats = RunStats()
+        for seconds in latencies:
+            stats.message_delivered(0.5, seconds, 1000)
+        stats.close_second()
+        stats.message_delivered(1.5, 0.002, 1000)
+        stats.close_second()
+        workers.append(RunStats.from_dict(stats.to_dict()))
+    merged = RunStats()
+    for worker in workers:
+        merged.merge(worker)
+    first = merged.timeline.latency_counts("message", 0)
+    assert sum(first.values()) == 5
+    # Kept as the middles of their buckets of two significant digits: 1 ms is in 1.0-1.1 ms.
+    assert first == {1050: 3, 255_000: 1, 505_000: 1}
+    assert merged.timeline.latency_counts("message", 1) == {2050: 2}
+
