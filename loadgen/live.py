@@ -34,6 +34,10 @@ class ProgressSnapshot:
     bytes: int = 0
     interval: HdrHistogram = field(default_factory=new_histogram)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    #: Reconnects after the server ended a connection between messages, and back-offs after
+    #: failed connections, so far.
+    reconnects: int = 0
+    backoffs: int = 0
 
     @classmethod
     def take(cls, stats: RunStats, now: float) -> ProgressSnapshot:
@@ -46,6 +50,8 @@ class ProgressSnapshot:
             bytes=stats.bytes_delivered,
             interval=stats.take_interval(),
             errors_by_kind=dict(stats.errors_by_kind),
+            reconnects=sum(stats.reconnects.values()),
+            backoffs=stats.backoffs,
         )
 
     @property
@@ -59,6 +65,8 @@ class ProgressSnapshot:
         self.delivered += other.delivered
         self.failed += other.failed
         self.bytes += other.bytes
+        self.reconnects += other.reconnects
+        self.backoffs += other.backoffs
         self.interval.add(other.interval)
         for kind, n in other.errors_by_kind.items():
             self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
@@ -124,11 +132,21 @@ class ProgressDisplay:
         self.console.print(
             f"[{snap.elapsed:7.1f}s] delivered {snap.delivered} ({rate:.1f} msg/s, "
             f"{mb_rate:.2f} MB/s) failed {snap.failed} errors {snap.errors} "
-            f"p99(message) {p99}",
+            f"p99(message) {p99}" + self._connection_note(snap),
             markup=False,
             highlight=False,
             soft_wrap=True,
         )
+
+    @staticmethod
+    def _connection_note(snap: ProgressSnapshot) -> str:
+        """Reconnects and back-offs so far, when there were any."""
+        parts = []
+        if snap.reconnects:
+            parts.append(f"reconnects {snap.reconnects}")
+        if snap.backoffs:
+            parts.append(f"back-offs {snap.backoffs}")
+        return (" " + " ".join(parts)) if parts else ""
 
     @staticmethod
     def _rates(before: ProgressSnapshot, after: ProgressSnapshot) -> tuple[float, float]:
@@ -154,4 +172,10 @@ class ProgressDisplay:
         style = "red" if snap.errors else "green"
         table.add_row("errors", f"[{style}]{snap.errors}[/] (failed {snap.failed})", kinds)
         table.add_row("p99 message", p99, "(last interval)")
+        if snap.reconnects or snap.backoffs:
+            table.add_row(
+                "connections",
+                f"reconnects {snap.reconnects}",
+                f"back-offs after failures {snap.backoffs}",
+            )
         return table

@@ -87,6 +87,8 @@ def _snapshot_to_wire(snap: ProgressSnapshot) -> dict[str, Any]:
         "bytes": snap.bytes,
         "interval": snap.interval.encode() if snap.interval.get_total_count() else None,
         "errors_by_kind": snap.errors_by_kind,
+        "reconnects": snap.reconnects,
+        "backoffs": snap.backoffs,
     }
 
 
@@ -100,6 +102,8 @@ def _snapshot_from_wire(data: dict[str, Any]) -> ProgressSnapshot:
         failed=data["failed"],
         bytes=data["bytes"],
         errors_by_kind=data["errors_by_kind"],
+        reconnects=data.get("reconnects", 0),
+        backoffs=data.get("backoffs", 0),
     )
     if data["interval"]:
         snap.interval.add(HdrHistogram.decode(data["interval"]))

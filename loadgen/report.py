@@ -218,6 +218,7 @@ def build_report(
             "min_s": config.backoff_min,
             "max_s": config.backoff_max,
             "waits": stats.backoffs,
+            # As drawn: a wait the end of the run cut short counts whole.
             "seconds": round(stats.backoff_s, 3),
             "messages_not_started": stats.errors_by_kind["backoff"],
         },
@@ -319,7 +320,7 @@ def render_table(report: dict[str, Any], console: Console) -> None:
         not_started = backoff["messages_not_started"]
         console.print(
             f"[bold yellow]back-off[/] after failed connections: {backoff['waits']} waits, "
-            f"{backoff['seconds']:.1f}s in all (random {backoff['min_s']:g}s to "
+            f"{backoff['seconds']:.1f}s planned in all (random {backoff['min_s']:g}s to "
             f"{backoff['max_s']:g}s, doubling per failure in a row)"
             + (
                 f"; {not_started} messages due meanwhile failed unstarted"

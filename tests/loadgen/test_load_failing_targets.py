@@ -22,7 +22,9 @@ from rich.console import Console
 
 from mailstorm.load.cli import TARGET_UNREACHABLE, main
 from mailstorm.load.config import LoadConfig, Target
+from mailstorm.load.live import ProgressDisplay, ProgressSnapshot
 from mailstorm.load.probe import probe_target
+from mailstorm.load.procs import _snapshot_from_wire, _snapshot_to_wire
 from mailstorm.load.protocol import LoadFailure, LoadProtocol
 from mailstorm.load.report import build_report, render_table
 from mailstorm.load.stats import RunStats
@@ -197,3 +199,16 @@ def test_the_server_sees_the_probe_and_the_runs_connections_only(
     while sink.counters()["sess"] < 1 + 1 + 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sink.counters()["sess"] == 1 + 1 + 3
+
+
+def test_progress_lines_show_reconnects_and_backoffs() -> None:
+    stats = RunStats()
+    stats.reconnects["421"] += 2
+    stats.backoffs = 5
+    out = io.StringIO()
+    display = ProgressDisplay(Console(file=out, width=200), live=False, plain_every=1.0)
+    display.update(ProgressSnapshot.take(stats, 1.0))
+    assert "reconnects 2 back-offs 5" in out.getvalue()
+    merged = ProgressSnapshot(elapsed=0.0)
+    merged.add(_snapshot_from_wire(_snapshot_to_wire(ProgressSnapshot.take(stats, 2.0))))
+    assert (merged.reconnects, merged.backoffs) == (2, 5)  # through --procs workers
