@@ -76,6 +76,7 @@ class BlockingSession:
         server_hostname: str | None = None,
         source_address: str | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        on_phase: Callable[[PhaseDone], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -86,6 +87,9 @@ class BlockingSession:
         self.server_hostname = server_hostname or host
         self.source_address = source_address
         self.clock = clock
+        #: Called with every timed reply (greeting, message and QUIT phases) as it comes, ok
+        #: or not, so a caller can report each one (the Locust user does); it must not raise.
+        self.on_phase = on_phase
         self.sock: socket.socket | None = None
         self.conn: ClientConnection | None = None
         #: Seconds per phase of the connection set-up (connect, banner, ehlo, ...).
@@ -220,6 +224,8 @@ class BlockingSession:
                     raise SMTPSessionError(phase, "reset", str(exc)) from exc
             elif type(event) is PhaseDone:
                 phases[event.phase] = event.elapsed
+                if self.on_phase is not None:
+                    self.on_phase(event)
             else:
                 assert isinstance(event, ClientEvent)
                 return event
