@@ -10,17 +10,14 @@ never opens sockets and never reads files other than through the workload it des
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from mailstorm.cliutil import split_host_port
+from mailstorm.errors import ConfigError
 from mailstorm.wire.client import ClientConfig
 
 __all__ = ["OPTION_NAMES", "ConfigError", "LoadConfig", "Target", "parse_target"]
-
-
-class ConfigError(ValueError):
-    """A bad option value; the text is a one-line message for the user."""
 
 
 _SCHEMES = {"smtp": (25, False, False), "smtps": (465, True, False), "lmtp": (24, False, True)}
@@ -63,26 +60,13 @@ def parse_target(text: str, port: int | None = None) -> Target:
             )
         text = text.rstrip("/")
     default_port, implicit_tls, lmtp = _SCHEMES[scheme]
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ConfigError(f"bad target {original!r}: missing ']' after the IPv6 address")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"bad target {original!r}: {host!r} is not an IPv6 address") from None
-        if rest and not rest.startswith(":"):
-            raise ConfigError(f"bad target {original!r}: expected ':PORT' after ']'")
-        port_text = rest[1:] if rest else ""
-    elif text.count(":") > 1:
-        raise ConfigError(f"bad target {original!r}: put an IPv6 address in brackets, [::1]:25")
-    else:
-        host, _, port_text = text.partition(":")
-    if not host or any(c in host for c in "/@ \t"):
+    try:
+        host, port_text = split_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"bad target {original!r}: {exc}") from None
+    if not host:
         raise ConfigError(f"bad target {original!r}: expected HOST:PORT")
-    if port_text == "":
-        if ":" in text and not text.startswith("["):
-            raise ConfigError(f"bad target {original!r}: empty port")
+    if port_text is None:
         if port is None and not has_scheme:
             raise ConfigError(
                 f"bad target {original!r}: no port; write {original}:PORT, add --port PORT, "

@@ -1,13 +1,15 @@
 """What the sink's and the load generator's command lines share.
 
 argparse types that turn bad values into one clear line, a parser whose usage errors are one
-line with exit status 2, and raising the open-files limit (each session is a descriptor).
+line with exit status 2, the one parser of ``HOST:PORT`` (the sink's listeners and the load
+generator's target), and raising the open-files limit (each session is a descriptor).
 It never reads configuration files and never prints anything but errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 import resource
@@ -23,6 +25,7 @@ __all__ = [
     "raise_open_files_limit",
     "seconds",
     "size_text",
+    "split_host_port",
     "value_type",
 ]
 
@@ -55,6 +58,33 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 #: The largest byte count ``parse_size`` gives unless told a smaller ``maximum`` (1 EiB).
 SIZE_LIMIT = 1 << 60
+
+
+def split_host_port(text: str) -> tuple[str, str | None]:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``: the host, and the port's text
+    (None when there is none; checking it is the caller's, whose ranges differ).
+
+    Raises ValueError with what is wrong, for the caller to put after the value it names.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected ':PORT' after ']'")
+        return host, rest[1:] if rest else None
+    if text.count(":") > 1:
+        raise ValueError("put an IPv6 address in brackets, [::1]:25")
+    host, colon, port = text.partition(":")
+    if any(c in host for c in "/@[] \t") or not host.isprintable():
+        raise ValueError("expected HOST:PORT")
+    if colon and not port:
+        raise ValueError("empty port")
+    return host, port if colon else None
 
 
 def size_text(size: int) -> str:

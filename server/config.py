@@ -6,9 +6,9 @@ It owns parsing of listen addresses and sizes, and the defaults. It never opens 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
+from mailstorm.cliutil import split_host_port
 from mailstorm.wire.data import BareLinefeedPolicy
 
 __all__ = ["Address", "SinkConfig", "parse_address"]
@@ -34,8 +34,6 @@ DEFAULT_MAX_JUNK_COMMANDS = 100
 #: Failed AUTH attempts per client address within the window (see ``authlimit``).
 DEFAULT_MAX_AUTH_FAILURES = 10
 
-_ADDRESS = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
-
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -48,16 +46,17 @@ class Address:
 
 def parse_address(text: str) -> Address:
     """``HOST:PORT`` or ``[IPv6]:PORT``; port 0 asks the system for a free port."""
-    m = _ADDRESS.fullmatch(text.strip())
-    if m is None:
+    try:
+        host, port_text = split_host_port(text.strip())
+    except ValueError as exc:
+        raise ValueError(f"bad address {text!r}: {exc}") from None
+    if port_text is None:
         raise ValueError(f"bad address {text!r}: expected HOST:PORT or [IPv6]:PORT")
-    port = int(m.group("port"))
-    if port > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise ValueError(f"bad address {text!r}: port must be 0 to 65535")
-    host = m.group("v6") or m.group("host") or ""
     if not host:
         raise ValueError(f"bad address {text!r}: the host is missing (use 0.0.0.0 for all)")
-    return Address(host, port)
+    return Address(host, int(port_text))
 
 
 #: The limits of ``SinkConfig``: each must be a non-negative number, and 0 means no limit.
