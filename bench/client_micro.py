@@ -96,7 +96,7 @@ class _DueTickets:
 def _protocol_us(messages: int) -> float:
     config = LoadConfig(target=Target("127.0.0.1", 25), pipeline_messages=True)
     stats = RunStats()
-    protocol = LoadProtocol(config, config.client_config(), stats, MessageFactory())
+    protocol = LoadProtocol(config, stats, MessageFactory())
     protocol.connection_made(0.0, tls_active=False)
     for reply in (b"220 bench.sink ESMTP\r\n", EHLO):
         protocol.data_received(reply, 0.0)

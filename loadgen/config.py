@@ -140,10 +140,6 @@ class LoadConfig:
         client = {name: options.pop(name) for name in _CLIENT_FIELDS & options.keys()}
         return cls(target=target, client=ClientConfig(**client), **options)
 
-    def client_config(self) -> ClientConfig:
-        """The conversation every connection of the run has (``client``)."""
-        return self.client
-
     @property
     def starttls(self) -> bool:
         return self.client.starttls

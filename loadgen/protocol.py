@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from mailstorm.load.config import LoadConfig
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory, OutgoingMessage
-from mailstorm.wire.client import ClientConfig, ClientConnection
+from mailstorm.wire.client import ClientConnection
 from mailstorm.wire.client_events import (
     MessageDone,
     NeedData,
@@ -124,7 +124,6 @@ class LoadProtocol:
     def __init__(
         self,
         config: LoadConfig,
-        client_config: ClientConfig,
         stats: RunStats,
         factory: MessageFactory,
         rng: random.Random | None = None,
@@ -132,7 +131,7 @@ class LoadProtocol:
         self.config = config
         self.stats = stats
         self.factory = factory
-        self._client_config = client_config
+        self._client_config = config.client
         self._per_connection = config.per_connection
         #: The client connection of the current SMTP connection (None: not connected).
         self.conn: ClientConnection | None = None

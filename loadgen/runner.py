@@ -17,7 +17,7 @@ import trio
 from mailstorm._net.readiness import open_readiness_hub
 from mailstorm.load.config import ConfigError, LoadConfig
 from mailstorm.load.schedule import MessageTickets, OpenLoopSchedule, session_start_offset
-from mailstorm.load.session import LoadSession, SessionContext
+from mailstorm.load.session import LoadContext, LoadSession
 from mailstorm.load.stats import RunStats
 from mailstorm.load.tls import client_ssl_context
 from mailstorm.load.workload import MessageFactory
@@ -74,7 +74,7 @@ def build_factory(config: LoadConfig) -> MessageFactory:
     )
 
 
-async def _session_main(ctx: SessionContext, tickets: MessageTickets, start_at: float) -> None:
+async def _session_main(ctx: LoadContext, tickets: MessageTickets, start_at: float) -> None:
     if start_at > trio.current_time():
         await trio.sleep_until(start_at)
     session = LoadSession(ctx)
@@ -144,9 +144,8 @@ async def run_load(
     ssl_context = None
     if config.target.implicit_tls or config.starttls:
         ssl_context = client_ssl_context(verify=config.tls_verify, ca_file=config.ca_file)
-    ctx = SessionContext(
+    ctx = LoadContext(
         config=config,
-        client_config=config.client_config(),
         stats=stats,
         factory=factory or build_factory(config),
         family=family,

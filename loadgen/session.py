@@ -43,9 +43,8 @@ from mailstorm.load.protocol import Action, LoadFailure, LoadProtocol
 from mailstorm.load.schedule import MessageTickets
 from mailstorm.load.stats import RunStats
 from mailstorm.load.workload import MessageFactory
-from mailstorm.wire.client import ClientConfig
 
-__all__ = ["LoadSession", "SessionContext"]
+__all__ = ["LoadContext", "LoadSession"]
 
 #: Bind a source address without picking a port until connect(), so the port can be shared
 #: across destinations (the 4-tuple must be unique, not the port). Used only where the
@@ -63,11 +62,10 @@ _SEND = Action.SEND
 
 
 @dataclass
-class SessionContext:
-    """What every session of one process shares."""
+class LoadContext:
+    """What every load session of one process shares."""
 
     config: LoadConfig
-    client_config: ClientConfig
     stats: RunStats
     factory: MessageFactory
     family: int
@@ -111,9 +109,9 @@ class LoadSession:
         "unsent",
     )
 
-    def __init__(self, ctx: SessionContext) -> None:
+    def __init__(self, ctx: LoadContext) -> None:
         self.ctx = ctx
-        self.protocol = LoadProtocol(ctx.config, ctx.client_config, ctx.stats, ctx.factory)
+        self.protocol = LoadProtocol(ctx.config, ctx.stats, ctx.factory)
         self.stream: trio.abc.Stream | None = None
         self.scope = trio.CancelScope()
         #: The clock at the session's latest read, or at the start of what it waits for: the

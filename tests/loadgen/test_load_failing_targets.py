@@ -140,7 +140,7 @@ def test_backoff_ceiling_doubles_to_the_maximum_and_resets_after_messages() -> N
     config = LoadConfig(Target("127.0.0.1", 25), backoff_min=0.1, backoff_max=1.0)
     stats = RunStats()
     protocol = LoadProtocol(
-        config, config.client, stats, MessageFactory(), rng=_TopOfRange()  # type: ignore[arg-type]
+        config, stats, MessageFactory(), rng=_TopOfRange()  # type: ignore[arg-type]
     )
     failure = LoadFailure("refused", "connect: refused")
     waits = []

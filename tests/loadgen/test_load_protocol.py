@@ -44,7 +44,7 @@ class DueTickets:
 def make(**options: Any) -> tuple[LoadProtocol, RunStats]:
     config = LoadConfig.from_options(Target("127.0.0.1", 25), **options)
     stats = RunStats()
-    return LoadProtocol(config, config.client_config(), stats, MessageFactory()), stats
+    return LoadProtocol(config, stats, MessageFactory()), stats
 
 
 def play(protocol: LoadProtocol, data: bytes, now: float = 1.0) -> tuple[object, list[bytes]]:
