@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +305,58 @@ def test_master_with_two_workers_counts_what_the_sink_stored(tmp_path: Path) -> 
     # Both workers sent mail: a Message-ID names the process that made it (<n.RUN@...>).
     runs = {r.message["Message-ID"].split(".", 1)[1] for r in records}
     assert len(runs) == 2
+
+
+SMTP_SINK = Path("/usr/sbin/smtp-sink")
+
+
+def test_postfix_smtp_sink_counts_what_locust_counted(tmp_path: Path) -> None:
+    """Against a server that is not ours: Postfix's smtp-sink and its message counter."""
+    if not SMTP_SINK.exists():
+        pytest.skip(f"Postfix smtp-sink not installed ({SMTP_SINK}; Debian package postfix)")
+    port = free_port()
+    log = tmp_path / "smtp-sink.log"
+    out = tmp_path / "run"
+    with log.open("wb") as counters:
+        # -u nobody: it refuses to run as root otherwise; -c: running counters on stdout,
+        # updated as sessions end.
+        server = subprocess.Popen(
+            [str(SMTP_SINK), "-u", "nobody", "-c", f"127.0.0.1:{port}", "128"],
+            stdout=counters,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+                time.sleep(0.05)
+        done = subprocess.run(
+            locust_command(
+                "--headless", "--host", f"smtp://127.0.0.1:{port}", "-u", "3", "-r", "3",
+                "--run-time", "3s", "--csv", str(out), "--only-summary",
+                "--per-connection", "50",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats = read_stats(out)
+        expected = successes(stats)
+        # Every session ended with QUIT before Locust exited; the counter follows at once.
+        deadline = time.monotonic() + 10
+        while True:
+            found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))
+            counted = int(found[-1]) if found else 0
+            if counted >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert counted == expected > 0
+    assert stats["connect"]["requests"] == stats["QUIT"]["requests"]
