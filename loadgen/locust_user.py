@@ -32,7 +32,7 @@ from mailstorm.load.tls import client_ssl_context
 from mailstorm.load.workload import MessageFactory, OutgoingMessage, parse_size_mix
 from mailstorm.wire.client import ClientConfig
 
-__all__ = ["SMTPOptions", "SMTPUser", "add_arguments"]
+__all__ = ["SMTPOptions", "SMTPUser", "add_arguments", "options_error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +164,23 @@ def add_arguments(parser: Any) -> None:
         help="verify the server's certificate (not verified by default)",
     )
     parser.set_defaults(stop_timeout=30.0)
+
+
+def options_error(options: SMTPOptions, host: str | None) -> str | None:
+    """What is wrong with these options and target (``--host``), as one line; None if nothing.
+
+    The locustfile calls it at start-up, so a bad value stops Locust at once instead of
+    failing every user it spawns. A missing host is not an error here: the web UI asks for it.
+    """
+    try:
+        if host:
+            options.client_config(parse_target(host))
+        else:
+            options.client_config(Target("localhost", 25))
+        _factory(options.size, options.eml, options.mail_from, options.rcpt_to, options.rcpts)
+    except ValueError as exc:  # ConfigError, WorkloadError and ClientConfig's are ValueErrors
+        return str(exc)
+    return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,13 +12,14 @@ form) and one user class, ``MailUser``. Everything else lives in ``locust_user``
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import gevent
 from locust import events
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from mailstorm.load.locust_user import SMTPUser, add_arguments
+from mailstorm.load.locust_user import SMTPUser, add_arguments, options_error
 
 __all__ = ["MailUser"]
 
@@ -28,6 +29,17 @@ events.init_command_line_parser.add_listener(add_arguments)
 class MailUser(SMTPUser):
     """One SMTP client: a connection kept across messages, one message per task run, no wait
     between messages (a closed loop, as ``mailstorm load`` without ``--rate``)."""
+
+
+@events.init.add_listener
+def _check_options(environment: Any, **_: Any) -> None:
+    """A bad option or ``--host`` is one line and exit status 2 at start-up, as in
+    ``mailstorm load``, instead of a traceback for every user spawned."""
+    options = MailUser.options.overridden_by(environment.parsed_options)
+    error = options_error(options, environment.host)
+    if error is not None:
+        print(f"locust: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 @events.quitting.add_listener

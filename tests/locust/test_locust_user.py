@@ -360,3 +360,54 @@ def test_postfix_smtp_sink_counts_what_locust_counted(tmp_path: Path) -> None:
         server.wait(timeout=10)
     assert counted == expected > 0
     assert stats["connect"]["requests"] == stats["QUIT"]["requests"]
+
+
+def test_implicit_tls_and_eml_replay(tmp_path: Path, tls_files: Any) -> None:
+    maildir = tmp_path / "mail"
+    out = tmp_path / "run"
+    eml = tmp_path / "hello.eml"
+    eml.write_bytes(b"From: a@x.test\r\nSubject: replayed\r\n\r\nthe same every time\r\n")
+    with SinkThread(
+        store=f"maildir:{maildir}",
+        tls_cert=str(tls_files.cert),
+        tls_key=str(tls_files.key),
+        tls_listen=["127.0.0.1:0"],
+    ) as sink:
+        host, port = sink.tls_address
+        done = subprocess.run(
+            locust_command(
+                "--headless", "--host", f"smtps://{host}:{port}", "-u", "2", "-r", "2",
+                "--run-time", "2s", "--csv", str(out), "--only-summary", "--eml", str(eml),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = sink.messages
+    stats = read_stats(out)
+    assert successes(stats) == stored(maildir) > 0
+    assert stats["TLS"]["requests"] == stats["connect"]["requests"] == 2
+    assert "STARTTLS" not in stats
+    assert all(r.tls and r.raw == eml.read_bytes() for r in records)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--host", "127.0.0.1"], "bad target '127.0.0.1': no port"),
+        (["--size", "1k,2k"], "bad size mix '1k,2k': missing weight"),
+        (["--rcpt-to", "{x}@y.test"], "unknown field {x}"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_status_2(option: list[str], message: str) -> None:
+    done = subprocess.run(
+        locust_command("--headless", "--host", "smtp://127.0.0.1:1", "-u", "1", *option),
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("locust: ")
+    assert message in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
