@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import ssl
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import gevent
 from locust import User, task
 
 from mailstorm.load.blocking import BlockingSession, SMTPSessionError
@@ -60,6 +62,25 @@ class SMTPOptions:
     #: Seconds to wait for a connection or a reply.
     smtp_timeout: float = 30.0
     tls_verify: bool = False
+    #: ``MIN:MAX`` seconds, as ``mailstorm load --backoff``: after a failed connection the
+    #: user waits a random time between MIN and a ceiling that doubles from MIN with each
+    #: failure in a row, up to MAX; ``0:0`` connects again at once.
+    backoff: str = "0.1:5"
+
+    @property
+    def backoff_range(self) -> tuple[float, float]:
+        low_text, sep, high_text = self.backoff.partition(":")
+        try:
+            low = float(low_text)
+            high = float(high_text) if sep else low
+        except ValueError:
+            low = high = -1.0
+        if not 0 <= low <= high <= 300 or (high > 0 and low == 0):
+            raise ValueError(
+                f"bad --backoff {self.backoff!r}: expected MIN:MAX seconds such as 0.1:5, "
+                "MIN more than 0 and MAX at most 300 (0:0 for none)"
+            )
+        return low, high
 
     def client_config(self, target: Target) -> ClientConfig:
         return ClientConfig(
@@ -163,6 +184,12 @@ def add_arguments(parser: Any) -> None:
         default=False,
         help="verify the server's certificate (not verified by default)",
     )
+    parser.add_argument(
+        "--backoff",
+        default=_DEFAULTS.backoff,
+        help="after a failed connection wait between MIN and a ceiling doubling up to MAX "
+        "seconds, as MIN:MAX (default 0.1:5; 0:0 none)",
+    )
     parser.set_defaults(stop_timeout=30.0)
 
 
@@ -173,6 +200,7 @@ def options_error(options: SMTPOptions, host: str | None) -> str | None:
     failing every user it spawns. A missing host is not an error here: the web UI asks for it.
     """
     try:
+        options.backoff_range  # noqa: B018 (checked for its error)
         if host:
             options.client_config(parse_target(host))
         else:
@@ -229,9 +257,12 @@ class SMTPUser(User):
         self.reporter = PhaseReporter(environment.events.request.fire)
         if settings.chunking:
             self.reporter.content_verb = "BDAT"
+        self.backoff_range = settings.backoff_range
         self.session: BlockingSession | None = None
         #: Messages sent on the current connection.
         self.on_connection = 0
+        #: Connections in a row that failed before carrying a message (for the back-off).
+        self.failures_in_row = 0
 
     @task
     def send_mail(self) -> None:
@@ -254,6 +285,7 @@ class SMTPUser(User):
         finally:
             reporter.flush()
         self.on_connection += 1
+        self.failures_in_row = 0
         per_connection = self.settings.per_connection
         if per_connection and self.on_connection >= per_connection:
             self.disconnect()
@@ -290,6 +322,7 @@ class SMTPUser(User):
         except SMTPSessionError as exc:
             self._report_setup(session)
             self._session_failed(exc, started)
+            self._back_off()
             return None
         self._report_setup(session)
         assert session.conn is not None
@@ -297,6 +330,16 @@ class SMTPUser(User):
         self.session = session
         self.on_connection = 0
         return session
+
+    def _back_off(self) -> None:
+        """Wait before connecting again after a failed connection (not after a failure of a
+        connection that carried messages: that one reconnects at once)."""
+        self.failures_in_row += 1
+        low, high = self.backoff_range
+        if high <= 0:
+            return
+        ceiling = min(high, low * 2.0 ** min(self.failures_in_row - 1, 30))
+        gevent.sleep(random.uniform(low, max(low, ceiling)))
 
     def _report_setup(self, session: BlockingSession) -> None:
         """The phases the driver times itself: the TCP connect and TLS handshakes."""

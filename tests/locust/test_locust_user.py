@@ -256,6 +256,9 @@ def test_refused_connection_is_a_connect_failure(tmp_path: Path) -> None:
     assert stats.keys() == {"connect"}
     assert stats["connect"]["failures"] == stats["connect"]["requests"] > 0
     assert all("refused" in error for (_, error) in read_failures(out))
+    # The user backs off (0.1 s, then up to 0.2, 0.4 ... s) instead of reconnecting at once,
+    # thousands of times a second: within the 1 s run, at most 1 + 10 attempts fit.
+    assert stats["connect"]["requests"] <= 11
 
 
 def test_master_with_two_workers_counts_what_the_sink_stored(tmp_path: Path) -> None:
@@ -398,6 +401,7 @@ def test_implicit_tls_and_eml_replay(tmp_path: Path, tls_files: Any) -> None:
         (["--host", "127.0.0.1"], "bad target '127.0.0.1': no port"),
         (["--size", "1k,2k"], "bad size mix '1k,2k': missing weight"),
         (["--rcpt-to", "{x}@y.test"], "unknown field {x}"),
+        (["--backoff", "5:1"], "bad --backoff '5:1'"),
     ],
 )
 def test_a_bad_option_is_one_line_and_status_2(option: list[str], message: str) -> None:
