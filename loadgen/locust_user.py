@@ -201,6 +201,12 @@ def options_error(options: SMTPOptions, host: str | None) -> str | None:
     """
     try:
         options.backoff_range  # noqa: B018 (checked for its error)
+        if options.per_connection < 0:
+            raise ValueError(f"--per-connection {options.per_connection}: must be 0 or more")
+        if not 0 < options.smtp_timeout <= 3600:
+            raise ValueError(
+                f"--smtp-timeout {options.smtp_timeout:g}: must be more than 0, at most 3600 s"
+            )
         if host:
             options.client_config(parse_target(host))
         else:

@@ -402,6 +402,8 @@ def test_implicit_tls_and_eml_replay(tmp_path: Path, tls_files: Any) -> None:
         (["--size", "1k,2k"], "bad size mix '1k,2k': missing weight"),
         (["--rcpt-to", "{x}@y.test"], "unknown field {x}"),
         (["--backoff", "5:1"], "bad --backoff '5:1'"),
+        (["--per-connection", "-1"], "--per-connection -1: must be 0 or more"),
+        (["--smtp-timeout", "0"], "--smtp-timeout 0: must be"),
     ],
 )
 def test_a_bad_option_is_one_line_and_status_2(option: list[str], message: str) -> None:
