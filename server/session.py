@@ -291,7 +291,8 @@ class Session:
             self._waiting_for_input = False
         if data is None:
             return await self._resume_inline()
-        self._count_content(len(data))
+        if self._content_started >= 0:
+            self._content_bytes += len(data)
         protocol.receive(data)
         return protocol.advance()
 
@@ -371,7 +372,8 @@ class Session:
         data = plain.receive_nowait(RECEIVE_SIZE)
         if data is None:
             return True  # nothing new after all (edges may be spurious)
-        self._count_content(len(data))
+        if self._content_started >= 0:
+            self._content_bytes += len(data)
         protocol.receive(data)
         action = protocol.advance()
         # A delay is the task's to carry out, and the answer it delays must not leave first.
@@ -398,9 +400,11 @@ class Session:
         """The session waits for input from now: set the deadline that applies (see the
         module docstring)."""
         ctx = self.ctx
-        protocol = self.protocol
+        # Which deadline applies is a question of time, the driver's: it reads the core's
+        # state directly, as these two checks run on every read.
+        conn = self.protocol.conn
         now = trio.current_time()
-        if protocol.receiving_content:
+        if conn.receiving_content:
             if self._content_started < 0:
                 self._content_started = now
                 self._content_bytes = 0
@@ -411,13 +415,9 @@ class Session:
             self.idle_deadline = deadline
             return
         self._content_started = -1.0
-        if protocol.at_command_boundary or self.idle_deadline == math.inf:
+        if not conn.buffered or self.idle_deadline == math.inf:
             self.idle_deadline = now + ctx.command_timeout
         # Otherwise a partial command line is buffered: its deadline keeps running.
-
-    def _count_content(self, size: int) -> None:
-        if self._content_started >= 0:
-            self._content_bytes += size
 
     # ---- helpers ------------------------------------------------------------------------
 
