@@ -284,14 +284,7 @@ class DataReader:
         Unstuffing comes first so that it sees only the lines the client ended with CRLF: a
         dot after a bare CR or LF is content (see the module docstring).
         """
-        content = apply_line_ending_policy(
-            unstuff(raw, dot_lines=self._dot_lines), self.policy
-        )
-        if content is None:
-            return None, DataFailure.BARE_LINEFEED
-        if self.max_size and len(content) > self.max_size:
-            return None, DataFailure.TOO_BIG
-        return content, None
+        return _checked(unstuff(raw, dot_lines=self._dot_lines), self.policy, self.max_size)
 
 
 class BdatReader:
@@ -327,9 +320,17 @@ class BdatReader:
         """A message from all its chunks: joined (so a CRLF split between two chunks is a
         CRLF), then the line-ending policy and the exact size check (``normalize`` may add
         octets), as ``DataReader.finish`` does. There is no stuffing to undo."""
-        content = apply_line_ending_policy(b"".join(chunks), policy)
-        if content is None:
-            return None, DataFailure.BARE_LINEFEED
-        if max_size and len(content) > max_size:
-            return None, DataFailure.TOO_BIG
-        return content, None
+        return _checked(b"".join(chunks), policy, max_size)
+
+
+def _checked(
+    content: bytes, policy: BareLinefeedPolicy, max_size: int
+) -> tuple[bytes | None, DataFailure | None]:
+    """A whole message's content under the line-ending policy, then the exact size check
+    (``normalize`` may add octets): what both readers' ``finish`` end with."""
+    checked = apply_line_ending_policy(content, policy)
+    if checked is None:
+        return None, DataFailure.BARE_LINEFEED
+    if max_size and len(checked) > max_size:
+        return None, DataFailure.TOO_BIG
+    return checked, None

@@ -11,80 +11,18 @@ import base64
 from dataclasses import replace
 
 import pytest
+from core_driver import POLICY, Driver, code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailstorm.wire.events import (
-    AuthAttempt,
-    Closed,
-    MessageReceived,
     NeedData,
     OutputFull,
-    StartTLS,
 )
 from mailstorm.wire.replies import ReplyParser
 from mailstorm.wire.server import MAX_AUTH_LINE, MAX_COMMAND_LINE, ServerConnection, SessionPolicy
 
-POLICY = SessionPolicy(hostname="sink.test", max_size=1000, max_recipients=3, max_errors=10,
-                       auth_enabled=True)
 TOO_LONG = "500 5.5.2 Error: line too long"
-
-
-class Driver:
-    """Plays the session driver: stores messages, fails every password, fakes the handshake,
-    and sends whenever the core says its output is full."""
-
-    def __init__(self, policy: SessionPolicy = POLICY) -> None:
-        self.conn = ServerConnection(policy)
-        self.parser = ReplyParser()
-        self.auths: list[AuthAttempt] = []
-        self.tls_requests = 0
-        self.closed = False
-        #: The size of each send ``OutputFull`` asked for.
-        self.full_sends: list[int] = []
-        assert self.feed(b"")[0].startswith("220 sink.test")
-
-    def feed(self, data: bytes | str) -> list[str]:
-        """Send bytes; return the replies as ``"code text"`` strings (lines joined by |)."""
-        if isinstance(data, str):
-            data = data.encode()
-        if data:
-            self.conn.receive_data(data)
-        sent = bytearray()
-        while True:
-            event = self.conn.next_event()
-            if event is NeedData:
-                break
-            if event is OutputFull:
-                out = self.conn.data_to_send()
-                self.full_sends.append(len(out))
-                sent += out
-            elif isinstance(event, MessageReceived):
-                self.conn.message_stored("Q")
-            elif isinstance(event, AuthAttempt):
-                self.auths.append(event)
-                self.conn.auth_result(False)
-            elif isinstance(event, StartTLS):
-                self.tls_requests += 1
-                self.conn.tls_started()
-            elif isinstance(event, Closed):
-                self.closed = True
-                break
-        sent += self.conn.data_to_send()
-        self.parser.feed(bytes(sent))
-        replies = []
-        while (reply := self.parser.next_reply()) is not None:
-            replies.append(f"{reply.code} " + "|".join(reply.lines))
-        return replies
-
-    def one(self, line: str) -> str:
-        replies = self.feed(line + "\r\n")
-        assert len(replies) == 1, replies
-        return replies[0]
-
-
-def code(reply: str) -> str:
-    return " ".join(reply.split(" ", 2)[:2])
 
 
 def b64(octets: int) -> str:

@@ -11,68 +11,10 @@ import base64
 from dataclasses import replace
 
 import pytest
+from core_driver import POLICY, Driver, code
 
 from mailstorm.wire.data import BareLinefeedPolicy
-from mailstorm.wire.events import AuthAttempt, Closed, MessageReceived, NeedData, StartTLS
-from mailstorm.wire.replies import ReplyParser
-from mailstorm.wire.server import ServerConnection, SessionPolicy
-
-POLICY = SessionPolicy(hostname="sink.test", max_size=1000, max_recipients=3, max_errors=10,
-                       auth_enabled=True)
-USERS = {"alice": "wonderland"}
-
-
-class Driver:
-    def __init__(self, policy: SessionPolicy = POLICY, *, tls: bool = False) -> None:
-        self.conn = ServerConnection(policy, tls_active=tls)
-        self.parser = ReplyParser()
-        self.messages: list[MessageReceived] = []
-        self.auths: list[AuthAttempt] = []
-        self.closed = False
-        self.tls_requests = 0
-        assert self.feed(b"")[0].startswith("220 sink.test")
-
-    def feed(self, data: bytes | str) -> list[str]:
-        """Send bytes; return the replies as ``"code text"`` strings (lines joined by |)."""
-        if isinstance(data, str):
-            data = data.encode()
-        if data:
-            self.conn.receive_data(data)
-        while True:
-            event = self.conn.next_event()
-            if event is NeedData:
-                break
-            if isinstance(event, MessageReceived):
-                self.messages.append(event)
-                self.conn.message_stored(f"Q{len(self.messages)}")
-            elif isinstance(event, AuthAttempt):
-                self.auths.append(event)
-                self.conn.auth_result(USERS.get(event.username) == event.password)
-            elif isinstance(event, StartTLS):
-                self.tls_requests += 1
-                self.conn.tls_started()
-            elif isinstance(event, Closed):
-                self.closed = True
-                break
-        self.parser.feed(self.conn.data_to_send())
-        replies = []
-        while (reply := self.parser.next_reply()) is not None:
-            replies.append(f"{reply.code} " + "|".join(reply.lines))
-        return replies
-
-    def one(self, line: str) -> str:
-        replies = self.feed(line + "\r\n")
-        assert len(replies) == 1, replies
-        return replies[0]
-
-    def transaction(self) -> None:
-        assert self.one("EHLO client.example").startswith("250 ")
-        assert self.one("MAIL FROM:<a@example.com>").startswith("250 2.1.0")
-        assert self.one("RCPT TO:<b@example.com>").startswith("250 2.1.5")
-
-
-def code(reply: str) -> str:
-    return reply.split(" ", 2)[0] + " " + reply.split(" ", 2)[1]
+from mailstorm.wire.events import Closed, MessageReceived
 
 
 def test_full_session() -> None:
