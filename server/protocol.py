@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, auto
+from typing import Any
 
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.events import (
@@ -273,17 +274,11 @@ class SinkProtocol:
         if self._stop_reply is None:
             self._stop_reply = reply
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop_reply is not None
-
-    def goodbye(self, reply: Reply) -> bytes:
-        """End now with ``reply`` (or the reply ``stop`` chose): what is left to send."""
-        self.conn.close(self._stop_reply or reply)
+    def goodbye(self) -> bytes:
+        """End now (the session's scope was cancelled): what is left to send, ending with the
+        reply ``stop`` chose, or else 421 for a timeout."""
+        self.conn.close(self._stop_reply or R.timed_out(self.hostname))
         return self.conn.data_to_send()
-
-    def timed_out_reply(self) -> Reply:
-        return R.timed_out(self.hostname)
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -325,20 +320,9 @@ class ThrottledSinkProtocol(SinkProtocol):
 
     __slots__ = ("_link_time", "throttle")
 
-    def __init__(
-        self,
-        policy: SessionPolicy,
-        store: Store,
-        stats: SinkStats,
-        *,
-        peer_ip: str,
-        tls: bool,
-        auth_limiter: AuthFailureLimiter | None = None,
-        throttle: int,
-    ) -> None:
-        super().__init__(
-            policy, store, stats, peer_ip=peer_ip, tls=tls, auth_limiter=auth_limiter
-        )
+    def __init__(self, *args: Any, throttle: int, **kwargs: Any) -> None:
+        """``SinkProtocol``'s arguments, and ``throttle`` in octets per second."""
+        super().__init__(*args, **kwargs)
         if throttle <= 0:
             raise ValueError("throttle must be a positive number of octets per second")
         #: Octets per second.

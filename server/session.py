@@ -35,6 +35,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -107,7 +108,7 @@ class IdleReaper:
 
     @classmethod
     def for_timeouts(cls, sessions: set[Session], *timeouts: float) -> IdleReaper:
-        return cls(sessions, max(0.01, min(1.0, *(t / 4 for t in timeouts if t > 0))))
+        return cls(sessions, max(0.01, min((1.0, *(t / 4 for t in timeouts if t > 0)))))
 
     async def run(self) -> None:
         while True:
@@ -139,34 +140,25 @@ class Session:
         self.stream: trio.abc.Stream = plain
         self.ctx = ctx
         self.implicit_tls = tls
-        self.protocol: SinkProtocol
+        protocol_class: Callable[..., SinkProtocol] = SinkProtocol
         #: The stream on which the hub may run ``_on_readable`` (None: never, as a throttled
         #: session reads and waits in its task).
         self._inline_stream: SocketTransport | None = plain
         #: Octets asked for per read.
         self._read_size = RECEIVE_SIZE
         if ctx.throttle:
-            self.protocol = ThrottledSinkProtocol(
-                ctx.policy,
-                ctx.store,
-                ctx.stats,
-                peer_ip=self.peer_ip,
-                tls=tls,
-                auth_limiter=ctx.auth_limiter,
-                throttle=ctx.throttle,
-            )
+            protocol_class = partial(ThrottledSinkProtocol, throttle=ctx.throttle)
             self._inline_stream = None
             # At most a second of link time per read, so the octets arrive evenly.
             self._read_size = max(1, min(RECEIVE_SIZE, ctx.throttle))
-        else:
-            self.protocol = SinkProtocol(
-                ctx.policy,
-                ctx.store,
-                ctx.stats,
-                peer_ip=self.peer_ip,
-                tls=tls,
-                auth_limiter=ctx.auth_limiter,
-            )
+        self.protocol = protocol_class(
+            ctx.policy,
+            ctx.store,
+            ctx.stats,
+            peer_ip=self.peer_ip,
+            tls=tls,
+            auth_limiter=ctx.auth_limiter,
+        )
         self._scope = trio.CancelScope()
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
@@ -227,7 +219,7 @@ class Session:
                     return
                 await self._loop()
             if self._scope.cancelled_caught:
-                await self._goodbye(self.protocol.timed_out_reply())
+                await self._goodbye()
         except _STREAM_ERRORS as exc:
             # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
@@ -421,10 +413,10 @@ class Session:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    async def _goodbye(self, reply: Reply) -> None:
+    async def _goodbye(self) -> None:
         """Send what is pending and a last 421, shielded and bounded, if the connection
         still works (a message stored during a shutdown thus still gets its 250)."""
-        data = self.protocol.goodbye(reply)
+        data = self.protocol.goodbye()
         if not data:
             return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:
