@@ -2,7 +2,8 @@
 # Install the Debian packages the test suite needs, when they are missing:
 #   - swaks (with its TLS modules), curl;
 #   - Postfix, only for its smtp-source/smtp-sink tools: the Postfix MTA is never started;
-#   - chromium, which renders the load generator's HTML report.
+#   - chromium, which renders the load generator's HTML report;
+#   - haproxy, which the PROXY protocol tests start on loopback ports (never as a service).
 # Called by tests/run.sh. POLICY_RC_D names the policy-rc.d file (a test points it elsewhere).
 set -euo pipefail
 
@@ -14,6 +15,7 @@ perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || need+=(libnet-ssleay-per
 command -v curl >/dev/null || need+=(curl)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || need+=(haproxy)
 [ ${#need[@]} -gt 0 ] || exit 0
 
 echo "installing Debian packages: ${need[*]}"
