@@ -8,6 +8,7 @@ virtual environment and looks at what it added.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -62,10 +63,12 @@ def test_installed_into_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     assert {n for n in added if not n.endswith(".dist-info")} - {"bin"} == {"mailstorm"}
     # The sans-IO core needs nothing but the standard library: it imports in the bare venv,
     # from the installed copy rather than this checkout.
+    # Without PYTHONPATH, which would put a checkout ahead of the venv.
+    bare_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [str(python), "-c",
          "import mailstorm.wire.server as s, mailstorm.wire.client; print(s.__file__)"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=bare_env,
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(purelib)
