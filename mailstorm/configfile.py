@@ -85,6 +85,9 @@ _SECRETS: dict[int, frozenset[str]] = {}
 
 _OWN_KEYS = frozenset({"config", "print-config"})
 
+#: The attribute of an action that keeps its default from before a file replaced it.
+_BUILT_IN_DEFAULT = "_mailstorm_built_in_default"
+
 
 def parse_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
@@ -173,8 +176,11 @@ def _kind(action: argparse.Action) -> Kind | None:
         return "count"
     if isinstance(action, argparse._AppendAction) and action.nargs is None:
         return "list"
-    if isinstance(action, argparse._StoreAction) and action.nargs is None:
-        return "positional" if not action.option_strings else "value"
+    if isinstance(action, argparse._StoreAction):
+        if not action.option_strings and action.nargs in (None, "?"):
+            return "positional"  # "?" too: apply_file makes one it supplies optional
+        if action.nargs is None:
+            return "value"
     return None  # other actions (append_const, nargs='+', custom): command line only
 
 
@@ -197,6 +203,8 @@ def apply_file(
             # argparse requires a positional unless it may be absent: the file supplies it.
             action.nargs = "?"
         action.required = False
+        # --print-config's comments quote the parser's own default, not the file's.
+        vars(action).setdefault(_BUILT_IN_DEFAULT, action.default)
         action.default = value
         applied[key] = value
     return applied
@@ -320,7 +328,11 @@ def _summary(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     """The option's help, %-expanded as --help shows it, cut to its first clause."""
     text = action.help or ""
     with contextlib.suppress(KeyError, TypeError, ValueError):
-        text = text % {**vars(action), "prog": parser.prog}
+        text = text % {
+            **vars(action),
+            "default": vars(action).get(_BUILT_IN_DEFAULT, action.default),
+            "prog": parser.prog,
+        }
     text = " ".join(text.split())
     return text if len(text) <= 96 else text[:93].rsplit(" ", 1)[0] + " ..."
 
