@@ -223,7 +223,8 @@ def _error(command: str, tmp_path: Path, toml: str | None, capsys: pytest.Captur
         ("sink", "workers = 0", "key 'workers': '0' must be at least 1"),
         ("sink", "command-timeout = -1", "key 'command-timeout': '-1' must be a non-negative"),
         ("sink", 'bare-lf = "strip"', "key 'bare-lf': invalid choice: 'strip'"),
-        ("sink", 'auth-required = "yes"', 'key \'auth-required\': expected true or false, got "yes"'),
+        ("sink", 'auth-required = "yes"', "key 'auth-required': expected true or false, got "
+         '"yes"'),
         ("sink", "verbose = true", "key 'verbose': expected a whole number"),
         ("sink", "listen = [{host = 'a'}]", "key 'listen': expected an array of HOST:PORT values"),
         ("sink", 'listen = ["::1:25"]', "key 'listen': "),
