@@ -69,15 +69,26 @@ def add_config_options(parser: argparse.ArgumentParser, *, secret_keys: Iterable
     )
     _SECRETS[id(parser)] = frozenset(secret_keys)
     prog = parser.prog
+    keys = "".join(
+        f"\nThe {a.metavar or a.dest} argument is the key {a.dest}."
+        for a in parser._actions
+        if not a.option_strings
+    )
+    save = f"{prog} ... --print-config > saved.toml"
+    run = f"{prog} --config saved.toml [OPTIONS]"
+    width = max(len(save), len(run)) + 3
     note = (
-        "\nconfiguration file:\n"
-        f"  {prog} ... --print-config > saved.toml     save the effective options as TOML\n"
-        f"  {prog} --config saved.toml [OPTIONS]        run them; OPTIONS override the file\n"
+        "configuration file: TOML, keys are the long option names without dashes, values "
+        "as on the\ncommand line: strings or numbers, true/false for flags, [arrays] for "
+        f"repeatable options.{keys}\n"
+        f"  {save.ljust(width)}save the effective options\n"
+        f"  {run.ljust(width)}run them; OPTIONS override the file\n"
     )
     # No %-formatting of this text: argparse formats epilogs holding %(prog)s.
     if parser.epilog and "%(prog)" in parser.epilog:
         note = note.replace("%", "%%")
-    parser.epilog = (parser.epilog or "") + note
+    epilog = (parser.epilog or "").rstrip("\n")
+    parser.epilog = f"{epilog}\n\n{note}" if epilog else note
 
 
 #: Secret keys per parser (by id: parsers are built once per run and never compared).
