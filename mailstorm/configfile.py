@@ -67,7 +67,7 @@ def add_config_options(parser: argparse.ArgumentParser, *, secret_keys: Iterable
         help="print the effective options (defaults, then --config, then the command line) "
         "as a TOML file that --config accepts, and exit",
     )
-    _SECRETS[id(parser)] = frozenset(secret_keys)
+    vars(parser)[_SECRET_KEYS] = frozenset(secret_keys)
     prog = parser.prog
     keys = "".join(
         f"\nThe {a.metavar or a.dest} argument is the key {a.dest}."
@@ -91,8 +91,8 @@ def add_config_options(parser: argparse.ArgumentParser, *, secret_keys: Iterable
     parser.epilog = f"{epilog}\n\n{note}" if epilog else note
 
 
-#: Secret keys per parser (by id: parsers are built once per run and never compared).
-_SECRETS: dict[int, frozenset[str]] = {}
+#: The attribute of a parser that names its secret keys.
+_SECRET_KEYS = "_mailstorm_secret_keys"
 
 _OWN_KEYS = frozenset({"config", "print-config"})
 
@@ -299,7 +299,7 @@ def render_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     Unset options and secrets are written commented out, with why.
     """
-    secrets = _SECRETS.get(id(parser), frozenset())
+    secrets: frozenset[str] = vars(parser).get(_SECRET_KEYS, frozenset())
     titles = _group_titles(parser)
     lines = [
         f"# {parser.prog}: options as a configuration file (written by --print-config).",

@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 
 from mailstorm import configfile
+from mailstorm.cliutil import value_type
 from mailstorm.load import cli as load_cli
 from mailstorm.sink import cli as sink_cli
+from mailstorm.sink.config import parse_address
 
 PROCESS_TIMEOUT = 30.0
 
@@ -103,6 +105,35 @@ def test_defaults_round_trip(command: str, tmp_path: Path) -> None:
     saved = tmp_path / "defaults.toml"
     saved.write_text(configfile.render_config(build(), args))
     assert _options(_parse(build, ["--config", str(saved)])) == _options(args)
+
+
+def test_options_added_later_work_without_changes(tmp_path: Path) -> None:
+    """Other kinds of options, as other features add them, are keys and round trip."""
+
+    def build() -> argparse.ArgumentParser:
+        parser = sink_cli.build_parser("mailstorm sink")
+        extra = parser.add_argument_group("added later")
+        extra.add_argument("--metrics-listen", type=value_type(parse_address), metavar="ADDR")
+        extra.add_argument("--log-level", choices=("debug", "info"), default="info")
+        extra.add_argument("--proxy-protocol", action=argparse.BooleanOptionalAction)
+        extra.add_argument("--proxy-from", action="append", default=[], metavar="NET")
+        return parser
+
+    argv = ["--metrics-listen", "[::1]:9100", "--log-level", "debug", "--no-proxy-protocol",
+            "--proxy-from", "10.0.0.0/8"]
+    args = _parse(build, argv)
+    text = configfile.render_config(build(), args)
+    assert "\n# == added later ==\n" in text
+    for line in ('metrics-listen = "[::1]:9100"', 'log-level = "debug"', "proxy-protocol = false"):
+        assert f"\n{line}\n" in text
+    saved = tmp_path / "later.toml"
+    saved.write_text(text)
+    assert _options(_parse(build, ["--config", str(saved)])) == _options(args)
+    # and the workers of a supervisor get them too
+    assert "--no-proxy-protocol" in configfile.effective_argv(build(), args)
+    saved.write_text('proxy-from = "127.0.0.1"\nlog-level = "trace"\n')
+    with pytest.raises(SystemExit):
+        _parse(build, ["--config", str(saved)])
 
 
 def test_sink_round_trip_through_the_real_cli_gives_the_same_config(
