@@ -57,7 +57,7 @@ def add_config_options(parser: argparse.ArgumentParser, *, secret_keys: Iterable
         "--config",
         metavar="FILE",
         help="read options from this TOML file: keys are the long option names without "
-        "dashes (max-size = \"10m\"); options on the command line override the file's, and "
+        "dashes; options on the command line override the file's, and "
         "a repeatable option given on the command line replaces the file's list. Relative "
         "paths in the file are relative to the working directory, as on the command line",
     )
@@ -108,7 +108,10 @@ def parse_args(
     Exits with status 2 and one line on stderr for an unusable file, as for a bad option.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    # A first look for --config only; abbreviated as the parser allows (--conf).
+    pre = argparse.ArgumentParser(
+        prog=parser.prog, add_help=False, allow_abbrev=parser.allow_abbrev
+    )
     pre.add_argument("--config")
     pre.error = lambda message: _exit(parser, message)  # type: ignore[method-assign]
     known, _ = pre.parse_known_args(args_list)
@@ -120,6 +123,8 @@ def parse_args(
         except FileError as exc:
             _exit(parser, str(exc))
     args = parser.parse_args(args_list)
+    if getattr(args, "config", None) != path:  # not one FILE for both looks: never ignore it
+        _exit(parser, "give --config FILE in full, once, before any '--'")
     for option in options(parser):
         if option.key not in from_file:
             continue
