@@ -324,8 +324,10 @@ def render_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             lines.append(f"# {option.key} = (not printed: it holds a secret; write it here)")
             continue
         toml_value = to_toml(option, value)
-        if toml_value is None:
+        if value is None:
             lines.append(f"# {option.key} = (not set)")
+        elif toml_value is None:
+            lines.append(f"# {option.key} = (no text form: give it on the command line)")
         else:
             lines.append(tomli_w.dumps({option.key: toml_value}).rstrip("\n"))
     return "\n".join(lines) + "\n"

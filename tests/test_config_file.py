@@ -215,6 +215,8 @@ def test_a_plan_target_can_be_overridden_and_numbers_or_strings_both_work(
     )
     assert (args.timeout, args.ramp_up, args.tls_resume) == (2.0, 1.5, False)
     assert _parse(build, ["--config", str(plan), "[::1]:25"]).target == "[::1]:25"
+    # The load generator's parser takes abbreviations, --config's too.
+    assert _parse(build, ["--conf", str(plan)]).messages == 50
 
 
 def _error(command: str, tmp_path: Path, toml: str | None, capsys: pytest.CaptureFixture[str],
@@ -280,6 +282,9 @@ def test_a_missing_or_binary_file_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "cannot read: No such file or directory" in _error("sink", tmp_path, None, capsys)
+    (tmp_path / "sink.toml").mkdir()
+    assert "cannot read: Is a directory" in _error("sink", tmp_path, None, capsys)
+    (tmp_path / "sink.toml").rmdir()
     (tmp_path / "sink.toml").write_bytes(b"hostname = \"\xff\"\n")
     assert _error("sink", tmp_path, None, capsys) == "not UTF-8 text"
 
