@@ -9,6 +9,8 @@ files, on loopback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -16,12 +18,16 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailstorm import configfile
 from mailstorm.cliutil import value_type
@@ -276,6 +282,42 @@ def test_bad_files_are_one_line_naming_the_file_and_key(
 ) -> None:
     extra = ("127.0.0.1:25",) if command == "load" and "target" not in toml else ()
     assert message in _error(command, tmp_path, toml, capsys, extra)
+
+
+#: TOML values of every type, as a hand-written file may hold them.
+toml_values = st.recursive(
+    st.one_of(
+        st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30),
+        st.from_regex(r"[0-9.]{1,8}[kmgs]?(:[0-9.]{1,4})?", fullmatch=True),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=2),
+    max_leaves=4,
+)
+
+
+@pytest.mark.parametrize("command", PARSERS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_value_for_any_key_is_used_or_one_line(command: str, data: st.DataObject) -> None:
+    build, _ = PARSERS[command]
+    keys = [o.key for o in configfile.options(build())] + ["nosuch"]
+    table = data.draw(st.dictionaries(st.sampled_from(keys), toml_values, min_size=1,
+                                      max_size=3))
+    if command == "load":
+        table.setdefault("target", "127.0.0.1:2525")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "fuzz.toml")
+        path.write_text(tomli_w.dumps(table))
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                _parse(build, ["--config", str(path)])
+        except SystemExit as exc:
+            assert exc.code == 2
+            message = err.getvalue()
+            assert message.count("\n") == 1 and "Traceback" not in message, message
+            assert f": error: {path}: key " in message, message
 
 
 def test_a_missing_or_binary_file_is_one_line(
