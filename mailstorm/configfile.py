@@ -412,8 +412,13 @@ def effective_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     argv: list[str] = []
     positionals: list[str] = []
     for option in options(parser):
-        value = to_toml(option, getattr(args, option.action.dest, None))
+        parsed = getattr(args, option.action.dest, None)
+        value = to_toml(option, parsed)
         if value is None:
+            if parsed is not None:
+                # A programming error (an option type without a text form), not bad input:
+                # losing the setting in a child process would be worse than stopping.
+                raise RuntimeError(f"--{option.key}: no command-line form of {parsed!r}")
             continue
         flag = f"--{option.key}"
         if option.kind == "flag":
