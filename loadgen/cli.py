@@ -25,6 +25,7 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
+from mailstorm.configfile import add_config_options, parse_args
 from mailstorm.load.config import OPTION_NAMES, ConfigError, LoadConfig, parse_target
 from mailstorm.load.failif import FailIfError, FailIfExpression
 from mailstorm.load.limits import ephemeral_port_warning, raise_open_files_limit
@@ -355,6 +356,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between progress updates (default: 1 on a terminal, 5 otherwise)",
     )
+    add_config_options(p, secret_keys=("auth",))
     return p
 
 
@@ -511,7 +513,7 @@ def _run_single(
 def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     parser = build_parser(prog)
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)  # over --config FILE; handles --print-config
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code or 0)
     err = Console(stderr=True, highlight=False)

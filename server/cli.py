@@ -23,6 +23,7 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
+from mailstorm.configfile import add_config_options, effective_argv, parse_args
 from mailstorm.wire.data import BareLinefeedPolicy
 
 from .app import ConfigError, SinkServer, listening_sockets
@@ -323,6 +324,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         help="more logging (-vv for per-session debugging)",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    add_config_options(p)
     return p
 
 
@@ -405,7 +407,7 @@ def _fmt(address: tuple[str, int]) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # over --config FILE; handles --print-config
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(
         level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
@@ -423,8 +425,8 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
         )
     raise_open_files_limit()
     if args.workers > 1:
-        argv = argv if argv is not None else sys.argv[1:]
-        return _supervise(args, config, argv, prog, server.store.describe())
+        # Workers get the effective options (command line and --config file alike).
+        return _supervise(args, config, effective_argv(parser, args), prog, server.store.describe())
     try:
         trio.run(_run, server)
     except KeyboardInterrupt:
