@@ -190,7 +190,8 @@ _JS = r"""
     var pts = [];
     tl.forEach(function (t) {
       var lat = t.latency_ms && t.latency_ms[spec[0]];
-      if (lat) { pts.push([mid(t), lat[spec[1]]]); }
+      // null: a second several merged runs share keeps only its max (mailstorm report merge).
+      if (lat && lat[spec[1]] != null) { pts.push([mid(t), lat[spec[1]]]); }
     });
     var label = spec[0] === "eod" ? "end of data" : "whole message";
     return {name: label + " " + spec[1], color: spec[2], points: pts};
@@ -300,6 +301,26 @@ def _connections_html(report: dict[str, Any]) -> str:
     return f"<h2>Connections</h2><table><tr><th>what</th><th>count</th></tr>{body}</table>"
 
 
+def _merged_from_note(report: dict[str, Any]) -> str:
+    """For ``mailstorm report merge``: which runs the report adds up, and what was not exact."""
+    runs = report.get("merged_from")
+    if not runs:
+        return ""
+    names = ", ".join(
+        f"{run['file']}" + (f" ({run['host']})" if run.get("host") else "") for run in runs
+    )
+    note = (
+        f'<p class="note">Merged from {len(runs)} run(s): {_e(names)}. Counts are summed and '
+        "percentiles read from the added histograms; per second, a second that several runs "
+        "share shows only its max latency.</p>"
+    )
+    for key in ("span_note", "timeline_note"):
+        text = report["totals"].get(key) or report.get(key)
+        if text:
+            note += f'<p class="note">Note: {_e(text)}.</p>'
+    return note
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole page as a string."""
     totals = report["totals"]
@@ -352,6 +373,7 @@ def render_html(report: dict[str, Any]) -> str:
         )
     if totals.get("ramp_up_note"):
         notes += f'<p class="note">Note: {_e(totals["ramp_up_note"])}.</p>'
+    notes += _merged_from_note(report)
     # Inside <script>, "</" could end the element early: escape it (JSON allows "\/").
     page_data = {k: report[k] for k in ("totals", "timeline", "phases")}
     page_data["curve_groups"] = groups
