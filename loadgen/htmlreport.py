@@ -190,8 +190,7 @@ _JS = r"""
     var pts = [];
     tl.forEach(function (t) {
       var lat = t.latency_ms && t.latency_ms[spec[0]];
-      // null: a second several merged runs share keeps only its max (mailstorm report merge).
-      if (lat && lat[spec[1]] != null) { pts.push([mid(t), lat[spec[1]]]); }
+      if (lat) { pts.push([mid(t), lat[spec[1]]]); }
     });
     var label = spec[0] === "eod" ? "end of data" : "whole message";
     return {name: label + " " + spec[1], color: spec[2], points: pts};
@@ -311,8 +310,7 @@ def _merged_from_note(report: dict[str, Any]) -> str:
     )
     note = (
         f'<p class="note">Merged from {len(runs)} run(s): {_e(names)}. Counts are summed and '
-        "percentiles read from the added histograms; per second, a second that several runs "
-        "share shows only its max latency.</p>"
+        "percentiles read from the added histograms (mailstorm report merge).</p>"
     )
     for key in ("span_note", "timeline_note"):
         text = report["totals"].get(key) or report.get(key)

@@ -27,13 +27,13 @@ totals.wall_s                              as elapsed_s, with each run's wall ti
 totals.msg_rate, mb_rate                   delivered and bytes over the merged elapsed_s
 totals.target_rate                         summed when every run was open loop, else dropped
 totals.ramp_up_note                        dropped (per run, it is in that run's report)
-timeline                                   by absolute second (each run shifted by its start,
+timeline, timeline_latency_counts          by absolute second (each run shifted by its start,
                                            rounded to the second); reports without start
                                            times: aligned at their starts, with a note.
-                                           delivered, bytes, failed summed; latency max
-                                           exact; p50/p99 of a second that several runs
-                                           share are null (a report keeps only each second's
-                                           percentiles, which cannot be merged)
+                                           delivered, bytes, failed and each second's latency
+                                           counts summed (``Timeline.merge``), the rows
+                                           recomputed by ``timeline_rows``; a report without
+                                           latency counts: no latency per second, with a note
 errors.by_kind, by_code                    summed
 errors.samples                             counts summed per text, the most common kept
 tls handshakes, versions_and_ciphers       summed; tls.resume from the first run
@@ -73,11 +73,11 @@ from mailstorm.cliutil import OneLineErrorParser
 from mailstorm.load.failif import FailIfError, FailIfExpression
 from mailstorm.load.report import (
     MB,
-    MIN_CHARTED_SECOND,
     REPORT_VERSION,
     percentile_curve,
     phase_summary,
     render_table,
+    timeline_rows,
     write_json,
 )
 from mailstorm.load.stats import (
@@ -86,6 +86,7 @@ from mailstorm.load.stats import (
     PHASES,
     PhaseHistograms,
     RunStats,
+    Timeline,
 )
 
 __all__ = ["MergeError", "load_report", "main", "merge_reports", "report_main"]
@@ -94,6 +95,8 @@ __all__ = ["MergeError", "load_report", "main", "merge_reports", "report_main"]
 TOOLS = ("mailstorm load", "mailstorm report merge")
 #: Keys every report has (``build_report``); a file without them is not a report.
 REQUIRED_KEYS = ("config", "totals", "phases", "timeline", "errors", "histograms")
+#: The report's per-second latencies as counts (``Timeline.to_dict()["latency"]``).
+LATENCY_COUNTS = "timeline_latency_counts"
 #: Settings that make runs the same workload; a difference is warned about, not refused.
 WORKLOAD_SETTINGS = (
     "target",
@@ -215,44 +218,42 @@ def _gaps(reports: Sequence[dict[str, Any]]) -> list[str]:
     return gaps
 
 
-def _merge_timeline(reports: Sequence[dict[str, Any]], elapsed: float) -> list[dict[str, Any]]:
-    """Per-second rows by absolute second (runs shifted by their starts, to the second)."""
+def _merge_timeline(
+    reports: Sequence[dict[str, Any]], elapsed: float
+) -> tuple[list[dict[str, Any]], Timeline | None]:
+    """Per-second rows by absolute second (each run shifted by its start, to the second; all
+    aligned at their starts when a report has no start time), and the merged per-second
+    latency counts (None when a report lacks them: then no second has percentiles)."""
     starts = [_start(r) for r in reports]
     first = min((s for s in starts if s is not None), default=0.0)
-    rows: dict[int, list[dict[str, Any]]] = {}
+    exact = all(isinstance(r.get(LATENCY_COUNTS), dict) for r in reports)
+    merged = Timeline()
+    drains: dict[int, list[bool]] = {}
     for report, start in zip(reports, starts, strict=True):
         shift = round(start - first) if start is not None and None not in starts else 0
-        for row in report["timeline"]:
-            rows.setdefault(int(row["second"]) + shift, []).append(row)
-    seconds = max(rows, default=-1) + 1
-    merged: list[dict[str, Any]] = []
-    for i in range(seconds):
-        parts = rows.get(i, [])
-        length = 1.0 if i < seconds - 1 else round(min(1.0, max(0.0, elapsed - i)), 3) or 1.0
-        delivered = sum(p["delivered"] for p in parts)
-        latency: dict[str, dict[str, float | None] | None] = {}
-        for phase in sorted({ph for p in parts for ph in p.get("latency_ms", {})}):
-            values = [p["latency_ms"][phase] for p in parts if p["latency_ms"].get(phase)]
-            if not values:
-                latency[phase] = None
-            elif len(values) == 1:
-                latency[phase] = dict(values[0])
-            else:
-                latency[phase] = {"p50": None, "p99": None, "max": max(v["max"] for v in values)}
-        merged.append(
-            {
-                "second": i,
-                "length_s": length,
-                "delivered": delivered,
-                "bytes": sum(p["bytes"] for p in parts),
-                "failed": sum(p["failed"] for p in parts),
-                "msg_rate": round(delivered / length, 2),
-                "charted": length >= MIN_CHARTED_SECOND,
-                "drain": bool(parts) and all(p.get("drain") for p in parts),
-                "latency_ms": latency,
-            }
+        rows = report["timeline"]
+        latency = report[LATENCY_COUNTS] if exact else {}
+        merged.merge(
+            Timeline.from_dict(
+                {
+                    "delivered": [0] * shift + [row["delivered"] for row in rows],
+                    "bytes": [0] * shift + [row["bytes"] for row in rows],
+                    "failed": [0] * shift + [row["failed"] for row in rows],
+                    "latency": {
+                        phase: [[]] * shift + list(seconds) for phase, seconds in latency.items()
+                    },
+                }
+            )
         )
-    return merged
+        for row in rows:
+            drains.setdefault(int(row["second"]) + shift, []).append(bool(row.get("drain")))
+    # The load generator's own per-second rows, over the merged counts.
+    timeline = timeline_rows(RunStats(elapsed=elapsed, timeline=merged))
+    for row in timeline:
+        # No message started in a second every run that was in it spent draining.
+        flags = drains.get(row["second"], [])
+        row["drain"] = bool(flags) and all(flags)
+    return timeline, merged if exact else None
 
 
 def _merged_config(reports: Sequence[dict[str, Any]], warn: list[str]) -> dict[str, Any]:
@@ -364,6 +365,7 @@ def merge_reports(
     cpu_s = round(sum(g.get("cpu_s") or 0.0 for g in generator), 3)
     starts = [s for s in (_start(r) for r in reports) if s is not None]
     first = reports[min(range(len(reports)), key=lambda i: str(reports[i].get("started_at")))]
+    timeline, latency_counts = _merge_timeline(reports, elapsed)
     merged: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "tool": "mailstorm report merge",
@@ -374,7 +376,7 @@ def merge_reports(
         "totals": totals,
         "phases": phases,
         "percentile_curves": curves,
-        "timeline": _merge_timeline(reports, elapsed),
+        "timeline": timeline,
         "errors": {
             "by_kind": {k: by_kind[k] for k in ERROR_KINDS if by_kind[k]},
             "by_code": {c: by_code[c] for c in sorted(by_code, key=int)},
@@ -415,10 +417,18 @@ def merge_reports(
             for entry in _run_entry(report, name)
         ],
     }
+    if latency_counts is not None:
+        merged[LATENCY_COUNTS] = latency_counts.to_dict()["latency"]
+    notes = []
     if len(reports) > 1 and len(starts) < len(reports):
-        merged["timeline_note"] = (
-            "some reports have no start time: their timelines are aligned at their starts"
+        notes.append("some reports have no start time: their timelines are aligned at their starts")
+    if latency_counts is None:
+        notes.append(
+            f"some reports have no {LATENCY_COUNTS} (made before mailstorm kept them): the "
+            "timeline has no latency per second"
         )
+    if notes:
+        merged["timeline_note"] = "; ".join(notes)
     return merged
 
 

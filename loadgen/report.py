@@ -206,6 +206,8 @@ def build_report(
         "phases": phases,
         "percentile_curves": curves,
         "timeline": timeline_rows(stats, config.duration),
+        # Each second's latencies as counts, for ``mailstorm report merge`` to add up exactly.
+        "timeline_latency_counts": stats.timeline.to_dict()["latency"],
         "errors": {
             "by_kind": {k: stats.errors_by_kind[k] for k in ERROR_KINDS if stats.errors_by_kind[k]},
             "by_code": {str(c): n for c, n in sorted(stats.errors_by_code.items())},

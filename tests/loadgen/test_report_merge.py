@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from mailstorm.load.merge import main as merge_main
 from mailstorm.load.merge import merge_reports
 from mailstorm.load.report import (
     CURVE_PERCENTILES,
+    OVER_TIME_PERCENTILES,
     PERCENTILES,
     build_report,
     percentile_curve,
     phase_summary,
 )
-from mailstorm.load.stats import RunStats, value_at_percentiles
+from mailstorm.load.stats import RunStats, counts_percentile, value_at_percentiles
 from mailstorm.sink import SinkThread
 
 #: Every subprocess here ends within this many seconds.
@@ -126,6 +128,7 @@ def test_counts_sum_and_rates_span_the_earliest_start_to_the_latest_end() -> Non
     assert [row["delivered"] for row in timeline] == [100, 150]
     # Only the slow run kept latencies for that second (the fast one closed one second).
     assert timeline[1]["latency_ms"]["eod"] == slow["timeline"][0]["latency_ms"]["eod"]
+    assert timeline[0]["latency_ms"]["eod"] == fast["timeline"][0]["latency_ms"]["eod"]
     assert [run["file"] for run in merged["merged_from"]] == ["fast.json", "slow.json"]
     assert merged["merged_from"][1]["delivered"] == 100
 
@@ -139,15 +142,30 @@ def test_reports_without_start_times_take_the_longest_run_and_say_so() -> None:
     assert "aligned at their starts" in merged["timeline_note"]
     timeline = merged["timeline"]
     assert [row["delivered"] for row in timeline] == [200, 50]
-    # A second both runs kept latencies for: its percentiles cannot be merged, its max can.
+    # A second both runs kept latencies for: the percentiles of both runs' counts together.
+    counts: Counter[int] = Counter()
+    for report in (fast, slow):
+        flat = report["timeline_latency_counts"]["eod"][0]
+        counts.update(dict(zip(flat[::2], flat[1::2], strict=True)))
     assert timeline[0]["latency_ms"]["eod"] == {
-        "p50": None,
-        "p99": None,
-        "max": slow["timeline"][0]["latency_ms"]["eod"]["max"],
+        key: counts_percentile(counts, p) / 1000 for p, key in OVER_TIME_PERCENTILES
     }
+    assert (
+        timeline[0]["latency_ms"]["eod"]["p50"] < 2 < 20 < timeline[0]["latency_ms"]["eod"]["p99"]
+    )
+
+
+def test_reports_without_per_second_counts_give_no_latency_per_second() -> None:
+    fast, slow = _fast(), _slow()
+    del slow["timeline_latency_counts"]
+    merged = merge_reports([fast, slow], ["fast.json", "slow.json"])
+    assert all(row["latency_ms"] == {"eod": None, "message": None} for row in merged["timeline"])
+    assert "no latency per second" in merged["timeline_note"]
+    assert "timeline_latency_counts" not in merged
 
 
 def test_merging_is_associative_in_counts_and_histograms() -> None:
+    # (Timelines are too, but for the rounding of each run's start to the second.)
     a, b, c = _fast(), _slow(), _run_report([5.0] * 40, started_at=1_700_000_000.0)
     left = merge_reports([merge_reports([a, b], ["a", "b"]), c], ["ab", "c"])
     right = merge_reports([a, merge_reports([b, c], ["b", "c"])], ["a", "bc"])
@@ -255,6 +273,8 @@ def test_two_real_runs_against_sinks_with_different_latencies(tmp_path: Path) ->
     assert merged["totals"]["delivered"] == 400 == sum(r["totals"]["delivered"] for r in runs)
     assert merged["totals"]["attempted"] == 400
     assert merged["totals"]["bytes"] == sum(r["totals"]["bytes"] for r in runs)
+    assert sum(row["delivered"] for row in merged["timeline"]) == 400
+    assert any(row["latency_ms"]["eod"] for row in merged["timeline"])
     by_hand = _hand_merged(runs, "eod")
     assert merged["phases"]["eod"] == phase_summary(by_hand)
     slow_p50, fast_p50 = (r["phases"]["eod"]["p50_ms"] for r in runs)
