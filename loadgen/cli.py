@@ -457,6 +457,8 @@ def _check_output_path(option: str, path: str) -> None:
             raise ConfigError(f"{option} {path!r}: needs a file name")
         if not folder.is_dir():
             raise ConfigError(f"{option} {path!r}: no such folder {str(folder)!r}")
+    except ConfigError:
+        raise  # already says what is wrong (it is a ValueError too)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{option} {path!r}: {exc}") from None
 

@@ -67,9 +67,11 @@ from pathlib import Path
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
-from rich.console import Console
 
 from mailstorm.cliutil import OneLineErrorParser
+from mailstorm.errors import ConfigError
+from mailstorm.load.cli import _check_output_path as check_output_path
+from mailstorm.load.cli import _ClosedPipeTolerantConsole as ClosedPipeTolerantConsole
 from mailstorm.load.failif import FailIfError, FailIfExpression
 from mailstorm.load.report import (
     MB,
@@ -504,14 +506,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _check_output(option: str, path: str) -> None:
-    target = Path(path)
-    if not path.strip() or target.is_dir():
-        raise MergeError(f"{option} {path!r}: needs a file name")
-    if not target.parent.is_dir():
-        raise MergeError(f"{option} {path!r}: no such folder {str(target.parent)!r}")
-
-
 def main(argv: list[str] | None = None, *, prog: str = "mailstorm report merge") -> int:
     """``mailstorm report merge``: returns the exit status."""
     parser = build_parser(prog)
@@ -524,10 +518,10 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm report merge")
         expression = FailIfExpression(args.fail_if) if args.fail_if is not None else None
         for option, path in (("--json", args.json_path), ("--html", args.html_path)):
             if path is not None:
-                _check_output(option, path)
+                check_output_path(option, path)
         reports = [load_report(path) for path in args.files]
         merged = merge_reports(reports, args.files, warnings)
-    except (MergeError, FailIfError) as exc:
+    except (MergeError, FailIfError, ConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     for warning in warnings:
@@ -543,7 +537,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm report merge")
     merged["config"].update(
         json_path=args.json_path, html_path=args.html_path, fail_if=args.fail_if
     )
-    console = Console(highlight=False)
+    console = ClosedPipeTolerantConsole(highlight=False)
     render_table(merged, console)
     console.print(
         f"merged from {len(merged['merged_from'])} run(s): "

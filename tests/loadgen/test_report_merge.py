@@ -217,6 +217,9 @@ def test_missing_file_and_bad_fail_if_are_one_line(
     assert err.count("\n") == 1 and "cannot read" in err
     assert merge_main([good, "--fail-if", "p99(eod)>50mss"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert merge_main([good, "--json", str(tmp_path / "no" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count("--json") == 1 and "no such folder" in err
 
 
 def test_fail_if_gates_on_the_merged_numbers(
