@@ -124,7 +124,8 @@ class MergeError(ValueError):
 
 
 def load_report(path: str) -> dict[str, Any]:
-    """Read and check one report file; its histograms are checked to decode."""
+    """Read and check one report file: JSON, a supported report, histograms that decode,
+    and every field the merge reads."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -135,6 +136,12 @@ def load_report(path: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise MergeError(f"{path}: not JSON: {exc}") from None
     check_report(report, path)
+    try:
+        # A report that merges alone merges with others: every field it needs is there.
+        merge_reports([report], [path])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise MergeError(f"{path}: malformed report: {what}") from None
     return report
 
 

@@ -196,6 +196,8 @@ def _write(tmp_path: Path, name: str, content: str) -> str:
             "histogram 'eod' does not decode",
         ),
         (json.dumps({k: v for k, v in _fast().items() if k != "totals"}), "malformed report"),
+        (json.dumps({**_fast(), "timeline": [{"second": 0}]}), "malformed report: no 'delivered'"),
+        (json.dumps({**_fast(), "totals": {"attempted": "many"}}), "malformed report"),
     ],
 )
 def test_bad_files_are_one_line_and_exit_status_2(
@@ -215,6 +217,10 @@ def test_missing_file_and_bad_fail_if_are_one_line(
     assert merge_main([good, str(tmp_path / "nope.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read" in err
+    (tmp_path / "latin1.json").write_bytes(b'{"tool": "caf\xe9"}')
+    assert merge_main([good, str(tmp_path / "latin1.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latin1.json: cannot read" in err
     assert merge_main([good, "--fail-if", "p99(eod)>50mss"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert merge_main([good, "--json", str(tmp_path / "no" / "m.json")]) == 2
