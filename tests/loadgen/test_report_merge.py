@@ -307,3 +307,12 @@ def test_help_lists_merge() -> None:
     assert "report" in _mailstorm("--help").stdout
     done = _mailstorm("report", "merge", "--help")
     assert done.returncode == 0 and "--fail-if" in done.stdout and "--html" in done.stdout
+
+
+def test_one_report_merged_alone_is_itself() -> None:
+    run = _slow()
+    merged = merge_reports([run], ["slow.json"])
+    for key in ("phases", "percentile_curves", "histograms", "timeline", "errors", "tls"):
+        assert merged[key] == run[key], key
+    assert merged["totals"] == run["totals"]
+    assert merged["timeline_latency_counts"] == run["timeline_latency_counts"]
