@@ -227,6 +227,22 @@ def _gaps(reports: Sequence[dict[str, Any]]) -> list[str]:
     return gaps
 
 
+def _same_runs(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """Inputs that are one run given twice (a glob that matched a file twice, a copy): its
+    counts would be added twice."""
+    seen: dict[tuple[Any, ...], str] = {}
+    found: list[str] = []
+    for report, name in zip(reports, names, strict=True):
+        for run in _run_entry(report, name):
+            key = (run["host"], run["started_at_unix"], run["attempted"], run["elapsed_s"])
+            if run["started_at_unix"] is None:
+                continue
+            if key in seen:
+                found.append(f"{seen[key]} and {name} hold the same run: it is counted twice")
+            seen.setdefault(key, name)
+    return found
+
+
 def _merge_timeline(
     reports: Sequence[dict[str, Any]], elapsed: float
 ) -> tuple[list[dict[str, Any]], Timeline | None]:
@@ -322,6 +338,7 @@ def merge_reports(
     if not reports:
         raise MergeError("nothing to merge")
     warn = warnings if warnings is not None else []
+    warn.extend(_same_runs(reports, names))
     warn.extend(_gaps(reports))
     histograms = _merged_histograms(reports)
     by_phase = histograms.by_phase

@@ -316,3 +316,12 @@ def test_one_report_merged_alone_is_itself() -> None:
         assert merged[key] == run[key], key
     assert merged["totals"] == run["totals"]
     assert merged["timeline_latency_counts"] == run["timeline_latency_counts"]
+
+
+def test_differing_workloads_and_a_run_given_twice_are_warned_about() -> None:
+    fast, slow = _fast(), _slow()
+    slow["config"]["size_text"] = "10k"
+    warnings: list[str] = []
+    merge_reports([fast, slow, fast], ["fast.json", "slow.json", "copy.json"], warnings)
+    assert "fast.json and copy.json hold the same run: it is counted twice" in warnings
+    assert 'the runs differ in size_text: "1k", "10k"' in warnings
