@@ -301,7 +301,7 @@ def _connections_html(report: dict[str, Any]) -> str:
 
 
 def _merged_from_note(report: dict[str, Any]) -> str:
-    """For ``mailstorm report merge``: which runs the report adds up, and what was not exact."""
+    """For ``mailstorm report merge``: which runs the report adds up, and its notes on time."""
     runs = report.get("merged_from")
     if not runs:
         return ""
