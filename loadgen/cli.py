@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     finally:
         if display is not None:
             display.stop()
-    return _report(config, stats, started_at, status)
+    # When the measurement began (after --procs spawned its workers), else the command's start.
+    return _report(config, stats, stats.started_wall or started_at, status)
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:

@@ -325,3 +325,20 @@ def test_differing_workloads_and_a_run_given_twice_are_warned_about() -> None:
     merge_reports([fast, slow, fast], ["fast.json", "slow.json", "copy.json"], warnings)
     assert "fast.json and copy.json hold the same run: it is counted twice" in warnings
     assert 'the runs differ in size_text: "1k", "10k"' in warnings
+
+
+def test_the_run_start_in_wall_time_survives_procs_merging() -> None:
+    """--procs workers each note the wall time their clock started; the run's is the earliest
+    (it is the report's started_at_unix, after the workers were spawned)."""
+    first, second, parent = (
+        RunStats(started_wall=1000.5),
+        RunStats(started_wall=1000.25),
+        RunStats(),
+    )
+    for worker in (first, second):
+        parent.merge(RunStats.from_dict(worker.to_dict()))
+    assert parent.started_wall == 1000.25
+    config = LoadConfig(Target("127.0.0.1", 2525))
+    assert (
+        build_report(config, parent, started_at=parent.started_wall)["started_at_unix"] == 1000.25
+    )
