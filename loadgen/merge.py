@@ -327,45 +327,27 @@ def _run_entry(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
     ]
 
 
-def merge_reports(
-    reports: Sequence[dict[str, Any]],
-    names: Sequence[str],
-    warnings: list[str] | None = None,
-) -> dict[str, Any]:
-    """One report from several checked reports (``names`` label them in ``merged_from``).
+def _sum(dicts: Sequence[dict[str, Any]], key: str) -> Any:
+    return sum(d.get(key) or 0 for d in dicts)
 
-    Warnings (runs that differ in target or workload) are appended to ``warnings``."""
-    if not reports:
-        raise MergeError("nothing to merge")
-    warn = warnings if warnings is not None else []
-    warn.extend(_same_runs(reports, names))
-    warn.extend(_gaps(reports))
-    histograms = _merged_histograms(reports)
-    by_phase = histograms.by_phase
-    phases = {p: phase_summary(h) for p, h in by_phase.items() if h.get_total_count()}
-    curves = {p: percentile_curve(h) for p, h in by_phase.items() if h.get_total_count()}
+
+def _merged_totals(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed; rates over the merged span (earliest start to latest end)."""
     all_totals = [r["totals"] for r in reports]
-
-    def total(key: str) -> int:
-        return sum(int(t.get(key) or 0) for t in all_totals)
-
     elapsed, span_note = _span(reports, "elapsed_s")
     wall, _ = _span(reports, "wall_s")
     attempted, delivered, failed, bytes_ = (
-        total("attempted"),
-        total("delivered"),
-        total("failed"),
-        total("bytes"),
+        int(_sum(all_totals, key)) for key in ("attempted", "delivered", "failed", "bytes")
     )
     totals: dict[str, Any] = {
         "attempted": attempted,
         "delivered": delivered,
         "failed": failed,
-        "errors": total("errors"),
+        "errors": int(_sum(all_totals, "errors")),
         "error_rate": round(failed / attempted, 6) if attempted else 0.0,
         "bytes": bytes_,
-        "connections": total("connections"),
-        "probe_connections": total("probe_connections"),
+        "connections": int(_sum(all_totals, "connections")),
+        "probe_connections": int(_sum(all_totals, "probe_connections")),
         "reconnects": dict(
             sorted(_sum_counts([t.get("reconnects") or {} for t in all_totals]).items())
         ),
@@ -375,9 +357,13 @@ def merge_reports(
         "mb_rate": round(bytes_ / elapsed / MB, 3) if elapsed > 0 else 0.0,
     }
     if all("target_rate" in t for t in all_totals):
-        totals["target_rate"] = sum(t["target_rate"] for t in all_totals)
+        totals["target_rate"] = _sum(all_totals, "target_rate")
     if span_note:
         totals["span_note"] = span_note
+    return totals
+
+
+def _merged_errors(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     errors = [r["errors"] for r in reports]
     by_kind = _sum_counts([e.get("by_kind") or {} for e in errors])
     by_code = _sum_counts([e.get("by_code") or {} for e in errors])
@@ -385,13 +371,72 @@ def merge_reports(
     for e in errors:
         for sample in e.get("samples") or []:
             samples[sample["error"]] += sample["count"]
+    return {
+        "by_kind": {k: by_kind[k] for k in ERROR_KINDS if by_kind[k]},
+        "by_code": {c: by_code[c] for c in sorted(by_code, key=int)},
+        "samples": [
+            {"error": text, "count": n} for text, n in samples.most_common(MAX_ERROR_SAMPLES)
+        ],
+    }
+
+
+def _merged_connections(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``tls`` and ``backoff``: counts summed, settings from the first run."""
     tls = [r.get("tls") or {} for r in reports]
     backoff = [r.get("backoff") or {} for r in reports]
+    ciphers = _sum_counts([t.get("versions_and_ciphers") or {} for t in tls])
+    return {
+        "tls": {
+            "resume": tls[0].get("resume", True),
+            "full_handshakes": _sum(tls, "full_handshakes"),
+            "resumed_handshakes": _sum(tls, "resumed_handshakes"),
+            "versions_and_ciphers": dict(ciphers.most_common()),
+        },
+        "backoff": {
+            "min_s": backoff[0].get("min_s"),
+            "max_s": backoff[0].get("max_s"),
+            "waits": _sum(backoff, "waits"),
+            "seconds": round(_sum(backoff, "seconds"), 3),
+            "messages_not_started": _sum(backoff, "messages_not_started"),
+        },
+    }
+
+
+def _merged_generator(reports: Sequence[dict[str, Any]], delivered: int) -> dict[str, Any]:
+    """Costs summed; loop lag is per machine, so the worst machine's."""
     generator = [r.get("generator") or {} for r in reports]
-    cpu_s = round(sum(g.get("cpu_s") or 0.0 for g in generator), 3)
+    cpu_s = round(_sum(generator, "cpu_s"), 3)
+    return {
+        "loop_lag_p99_ms": max(g.get("loop_lag_p99_ms") or 0 for g in generator),
+        "loop_lag_max_ms": max(g.get("loop_lag_max_ms") or 0 for g in generator),
+        "saturated": any(g.get("saturated") for g in generator),
+        "cpu_s": cpu_s,
+        "cpu_per_1000_messages": round(cpu_s * 1000 / delivered, 4) if delivered else None,
+        "unpipelined_connections": _sum(generator, "unpipelined_connections"),
+    }
+
+
+def merge_reports(
+    reports: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    """One report from several checked reports (``names`` label them in ``merged_from``),
+    each field merged as the table in this module's docstring says.
+
+    Warnings (runs that differ in target or workload, do not overlap, or are one run given
+    twice) are appended to ``warnings``."""
+    if not reports:
+        raise MergeError("nothing to merge")
+    warn = warnings if warnings is not None else []
+    warn.extend(_same_runs(reports, names))
+    warn.extend(_gaps(reports))
+    histograms = _merged_histograms(reports)
+    by_phase = {p: h for p, h in histograms.by_phase.items() if h.get_total_count()}
+    totals = _merged_totals(reports)
+    timeline, latency_counts = _merge_timeline(reports, totals["elapsed_s"])
     starts = [s for s in (_start(r) for r in reports) if s is not None]
-    first = reports[min(range(len(reports)), key=lambda i: str(reports[i].get("started_at")))]
-    timeline, latency_counts = _merge_timeline(reports, elapsed)
+    first = min(reports, key=lambda r: str(r.get("started_at")))
     merged: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "tool": "mailstorm report merge",
@@ -400,42 +445,13 @@ def merge_reports(
         "started_at_unix": min(starts) if starts else None,
         "config": _merged_config(reports, warn),
         "totals": totals,
-        "phases": phases,
-        "percentile_curves": curves,
+        "phases": {p: phase_summary(h) for p, h in by_phase.items()},
+        "percentile_curves": {p: percentile_curve(h) for p, h in by_phase.items()},
         "timeline": timeline,
-        "errors": {
-            "by_kind": {k: by_kind[k] for k in ERROR_KINDS if by_kind[k]},
-            "by_code": {c: by_code[c] for c in sorted(by_code, key=int)},
-            "samples": [
-                {"error": text, "count": n} for text, n in samples.most_common(MAX_ERROR_SAMPLES)
-            ],
-        },
-        "tls": {
-            "resume": tls[0].get("resume", True),
-            "full_handshakes": sum(t.get("full_handshakes") or 0 for t in tls),
-            "resumed_handshakes": sum(t.get("resumed_handshakes") or 0 for t in tls),
-            "versions_and_ciphers": dict(
-                _sum_counts([t.get("versions_and_ciphers") or {} for t in tls]).most_common()
-            ),
-        },
-        "backoff": {
-            "min_s": backoff[0].get("min_s"),
-            "max_s": backoff[0].get("max_s"),
-            "waits": sum(b.get("waits") or 0 for b in backoff),
-            "seconds": round(sum(b.get("seconds") or 0.0 for b in backoff), 3),
-            "messages_not_started": sum(b.get("messages_not_started") or 0 for b in backoff),
-        },
+        "errors": _merged_errors(reports),
+        **_merged_connections(reports),
         "fail_if": None,
-        "generator": {
-            "loop_lag_p99_ms": max(g.get("loop_lag_p99_ms") or 0 for g in generator),
-            "loop_lag_max_ms": max(g.get("loop_lag_max_ms") or 0 for g in generator),
-            "saturated": any(g.get("saturated") for g in generator),
-            "cpu_s": cpu_s,
-            "cpu_per_1000_messages": round(cpu_s * 1000 / delivered, 4) if delivered else None,
-            "unpipelined_connections": sum(
-                g.get("unpipelined_connections") or 0 for g in generator
-            ),
-        },
+        "generator": _merged_generator(reports, totals["delivered"]),
         "histograms": histograms.encode(),
         "merged_from": [
             entry
