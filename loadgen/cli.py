@@ -459,6 +459,8 @@ def _check_output_path(option: str, path: str) -> None:
             raise ConfigError(f"{option} {path!r}: needs a file name")
         if not folder.is_dir():
             raise ConfigError(f"{option} {path!r}: no such folder {str(folder)!r}")
+    except ConfigError:
+        raise  # already says what is wrong (it is a ValueError too)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{option} {path!r}: {exc}") from None
 
@@ -581,7 +583,8 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     finally:
         if display is not None:
             display.stop()
-    return _report(config, stats, started_at, status)
+    # When the measurement began (after --procs spawned its workers), else the command's start.
+    return _report(config, stats, stats.started_wall or started_at, status)
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:

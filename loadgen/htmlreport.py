@@ -300,6 +300,25 @@ def _connections_html(report: dict[str, Any]) -> str:
     return f"<h2>Connections</h2><table><tr><th>what</th><th>count</th></tr>{body}</table>"
 
 
+def _merged_from_note(report: dict[str, Any]) -> str:
+    """For ``mailstorm report merge``: which runs the report adds up, and its notes on time."""
+    runs = report.get("merged_from")
+    if not runs:
+        return ""
+    names = ", ".join(
+        f"{run['file']}" + (f" ({run['host']})" if run.get("host") else "") for run in runs
+    )
+    note = (
+        f'<p class="note">Merged from {len(runs)} run(s): {_e(names)}. Counts are summed and '
+        "percentiles read from the added histograms (mailstorm report merge).</p>"
+    )
+    for key in ("span_note", "timeline_note"):
+        text = report["totals"].get(key) or report.get(key)
+        if text:
+            note += f'<p class="note">Note: {_e(text)}.</p>'
+    return note
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole page as a string."""
     totals = report["totals"]
@@ -352,6 +371,7 @@ def render_html(report: dict[str, Any]) -> str:
         )
     if totals.get("ramp_up_note"):
         notes += f'<p class="note">Note: {_e(totals["ramp_up_note"])}.</p>'
+    notes += _merged_from_note(report)
     # Inside <script>, "</" could end the element early: escape it (JSON allows "\/").
     page_data = {k: report[k] for k in ("totals", "timeline", "phases")}
     page_data["curve_groups"] = groups

@@ -10,6 +10,7 @@ document by ``htmlreport``.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def build_report(
     ``probe_connections``: connections made before the run to see that the target is up (the
     CLI's probe); the server counts them as sessions, the run's ``connections`` do not.
     """
+    if not started_at:
+        started_at = time.time()
     phases = {}
     curves = {}
     for phase in PHASES:
@@ -193,14 +196,18 @@ def build_report(
         "tool": "mailstorm load",
         # Ctrl-C ended the run: everything below covers only the part that ran.
         "interrupted": interrupted,
-        "started_at": time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at if started_at else time.time())
-        ),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        # The same instant to the microsecond (wall clock, UTC epoch) and the machine that ran
+        # the load: ``mailstorm report merge`` lines runs from several machines up with them.
+        "started_at_unix": round(started_at, 6),
+        "host": socket.gethostname(),
         "config": config.to_report(),
         "totals": totals,
         "phases": phases,
         "percentile_curves": curves,
         "timeline": timeline_rows(stats, config.duration),
+        # Each second's latencies as counts, for ``mailstorm report merge`` to add up exactly.
+        "timeline_latency_counts": stats.timeline.to_dict()["latency"],
         "errors": {
             "by_kind": {k: stats.errors_by_kind[k] for k in ERROR_KINDS if stats.errors_by_kind[k]},
             "by_code": {str(c): n for c, n in sorted(stats.errors_by_code.items())},

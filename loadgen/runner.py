@@ -157,6 +157,7 @@ async def run_load(
     start = trio.current_time()
     cpu_start = time.process_time()
     stats.started = start
+    stats.started_wall = time.time()
     schedule = OpenLoopSchedule(config.rate, config.ramp_up) if config.rate is not None else None
     tickets = MessageTickets(
         start=start,

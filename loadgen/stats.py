@@ -346,6 +346,9 @@ class RunStats:
     """
 
     started: float = 0.0
+    #: Wall-clock time (UTC epoch seconds) at ``started``: where the run sits in real time,
+    #: so ``mailstorm report merge`` can line up runs made on several machines.
+    started_wall: float = 0.0
     #: Seconds from the start to the end of the last message: the window rates are taken over.
     elapsed: float = 0.0
     #: Seconds from the start until every session had quit.
@@ -466,6 +469,7 @@ class RunStats:
     def to_dict(self) -> dict[str, Any]:
         """A picklable, JSON-able form that ``from_dict`` restores exactly."""
         return {
+            "started_wall": self.started_wall,
             "elapsed": self.elapsed,
             "wall": self.wall,
             "attempted": self.attempted,
@@ -490,6 +494,7 @@ class RunStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunStats:
         return cls(
+            started_wall=data.get("started_wall", 0.0),
             elapsed=data["elapsed"],
             wall=data["wall"],
             attempted=data["attempted"],
@@ -513,6 +518,8 @@ class RunStats:
 
     def merge(self, other: RunStats) -> None:
         """Add another process's results. The run lasted as long as its longest process."""
+        if other.started_wall and not 0 < self.started_wall <= other.started_wall:
+            self.started_wall = other.started_wall  # the earliest process's start
         self.elapsed = max(self.elapsed, other.elapsed)
         self.wall = max(self.wall, other.wall)
         self.attempted += other.attempted

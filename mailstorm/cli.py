@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 
 USAGE = """\
-usage: mailstorm {sink,load,passwd,demo} [options]
+usage: mailstorm {sink,load,report,passwd,demo} [options]
 
   sink     run an SMTP sink server (discard, count, or store to Maildir/mbox)
   load     load an SMTP server and report throughput and per-phase latency
+  report   merge: one exact report from mailstorm load --json runs on several machines
   passwd   print an auth-file line with a scrypt hash of a password
   demo     a sink plus a short load run against it, with a report and a count check
 
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailstorm.load.cli import main as load_main
 
         return load_main(rest)
+    if command == "report":
+        from mailstorm.load.merge import report_main
+
+        return report_main(rest)
     if command == "passwd":
         from mailstorm.sink.passwd import main as passwd_main
 
