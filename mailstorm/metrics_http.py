@@ -182,10 +182,15 @@ async def _read_request(stream: trio.SocketStream) -> bytes | None:
 
 
 def _response(request: bytes, registry: CollectorRegistry) -> bytes:
-    """The answer to one request: the exposition for ``GET /metrics``, else an error."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    """The answer to one request: the exposition for ``GET /metrics``, else an error.
 
-    parts = request.split(b"\n", 1)[0].split()
+    The format follows the scraper's Accept header, as prometheus-client's own server does
+    (Prometheus asks for OpenMetrics; curl gets the classic text format).
+    """
+    from prometheus_client.exposition import choose_encoder
+
+    head_line, _, headers = request.partition(b"\n")
+    parts = head_line.split()
     if len(parts) != 3:
         return _status(400, "Bad Request")
     method, target = parts[0], parts[1].split(b"?", 1)[0]
@@ -193,9 +198,15 @@ def _response(request: bytes, registry: CollectorRegistry) -> bytes:
         return _status(405, "Method Not Allowed", b"Allow: GET, HEAD\r\n")
     if target != b"/metrics":
         return _status(404, "Not Found", body=b"metrics are at /metrics\n")
-    body = generate_latest(registry)
+    accept = ""
+    for line in headers.decode("latin-1").splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "accept":
+            accept = value.strip()
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry)
     head = (
-        f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+        f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
     return head if method == b"HEAD" else head + body
