@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -35,6 +36,12 @@ from mailstorm.load.workload import (
     WorkloadError,
     parse_size,
     parse_size_mix,
+)
+from mailstorm.metrics_http import (
+    MetricsAddress,
+    add_metrics_arguments,
+    bind_metrics_socket,
+    bound_address,
 )
 
 if TYPE_CHECKING:
@@ -335,6 +342,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="NAME",
         help="name for SNI and verification (default: the target host)",
     )
+    add_metrics_arguments(p, "load")
     g = p.add_argument_group("output")
     g.add_argument("--json", dest="json_path", metavar="FILE", help="write the full JSON report")
     g.add_argument(
@@ -488,6 +496,7 @@ def _run_single(
     stats: RunStats,
     display: ProgressDisplay | None,
     factory: MessageFactory | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
     import trio
 
@@ -503,7 +512,11 @@ def _run_single(
 
     trio.run(
         lambda: run_load(
-            config, stats, factory=factory, on_progress=on_progress if display else None
+            config,
+            stats,
+            factory=factory,
+            on_progress=on_progress if display else None,
+            metrics_socket=metrics_socket,
         )
     )
 
@@ -545,6 +558,14 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
+    metrics_socket = None
+    if args.metrics_listen is not None:  # metrics (issue 12)
+        try:
+            metrics_socket = _metrics_socket(args.metrics_listen, config)
+        except ConfigError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        err.print(f"metrics at http://{bound_address(metrics_socket)}/metrics", markup=False)
     display = None
     if not config.quiet:
         from mailstorm.load.live import PLAIN_EVERY, ProgressDisplay
@@ -567,7 +588,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
             run_procs(config, stats, display=display)
         else:
-            _run_single(config, stats, display, factory)
+            _run_single(config, stats, display, factory, metrics_socket)
     except KeyboardInterrupt:
         status = INTERRUPTED
         err.print("interrupted: reporting what was measured so far")
@@ -579,7 +600,16 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     finally:
         if display is not None:
             display.stop()
+        if metrics_socket is not None:
+            metrics_socket.close()
     return _report(config, stats, started_at, status)
+
+
+def _metrics_socket(address: MetricsAddress, config: LoadConfig) -> socket.socket:
+    """The listening socket of ``--metrics-listen``; ConfigError with one line if unusable."""
+    if config.procs > 1:
+        raise ConfigError("--metrics-listen works with one process only (--procs 1)")
+    return bind_metrics_socket(address)
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:

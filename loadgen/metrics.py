@@ -1,0 +1,116 @@
+"""The load generator's live Prometheus metrics (``mailstorm load --metrics-listen HOST:PORT``).
+
+As the sink's (``mailstorm.sink.metrics``), nothing is counted here: ``LoadCollector`` reads the
+run's ``RunStats`` when Prometheus scrapes, on the run's own event loop (the endpoint is a task
+in ``run_load``'s nursery), so the sessions pay nothing and a scrape sees consistent numbers.
+
+Latencies come from the run's exact HdrHistograms (microseconds) and are exported as Prometheus
+histograms with the fixed ``LATENCY_BUCKETS``, one series per phase; a value is placed by its
+HdrHistogram bucket (3 significant digits), and ``_sum`` is the HdrHistogram's mean times its
+count, so it is exact to those digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from hdrh.histogram import HdrHistogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from mailstorm.load.stats import ERROR_KINDS, RunStats
+
+__all__ = ["LATENCY_BUCKETS", "LoadCollector", "load_registry"]
+
+PREFIX = "mailstorm_load_"
+#: Upper bounds of the latency buckets, in seconds.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class LoadCollector(Collector):
+    """Metric families from a run's live ``RunStats``; ``clock`` gives the run's current time
+    (trio's, as ``stats.started``)."""
+
+    def __init__(self, stats: RunStats, clock: Callable[[], float]) -> None:
+        self.stats = stats
+        self.clock = clock
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        s = self.stats
+
+        def counter(name: str, help: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, help, value=value)
+
+        yield counter("messages_attempted", "messages started (taken from the schedule)",
+                      s.attempted)
+        yield counter("messages_delivered", "messages the server accepted (2xx to end of data)",
+                      s.delivered)
+        yield counter("messages_failed", "messages that failed (refused, error, timeout)",
+                      s.failed)
+        yield counter("message_bytes", "octets of messages delivered", s.bytes_delivered)
+        yield counter("connections", "connections made", s.connections)
+        yield counter("backoffs", "back-offs after failed connections", s.backoffs)
+        yield GaugeMetricFamily(
+            PREFIX + "sessions_open", "sessions running now", value=s.sessions_open
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "elapsed_seconds", "seconds since the run started",
+            value=max(0.0, self.clock() - s.started),
+        )
+        errors = CounterMetricFamily(PREFIX + "errors", "errors, by kind", labels=["kind"])
+        for kind in (*ERROR_KINDS, *sorted(set(s.errors_by_kind) - set(ERROR_KINDS))):
+            errors.add_metric([kind], s.errors_by_kind.get(kind, 0))
+        yield errors
+        replies = CounterMetricFamily(
+            PREFIX + "error_replies", "unwanted replies from the server, by code", labels=["code"]
+        )
+        for code, n in sorted(s.errors_by_code.items()):
+            replies.add_metric([str(code)], n)
+        yield replies
+        reconnects = CounterMetricFamily(
+            PREFIX + "reconnects",
+            "reconnects after the server ended a connection between messages, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.reconnects.items()):
+            reconnects.add_metric([reason], n)
+        yield reconnects
+        latency = HistogramMetricFamily(
+            PREFIX + "phase_seconds",
+            "reply latency per phase (connect, tls, banner, ehlo, mail, rcpt, data, eod, quit, "
+            "...; message: a whole message from its scheduled start)",
+            labels=["phase"],
+        )
+        for phase, hist in s.phases.by_phase.items():
+            if hist.get_total_count():
+                buckets, total_seconds = _buckets(hist)
+                latency.add_metric([phase], buckets, total_seconds)
+        yield latency
+
+
+def _buckets(hist: HdrHistogram) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative counts per ``LATENCY_BUCKETS`` bound (and +Inf), and the sum in seconds."""
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    bounds_us = [bound * 1_000_000 for bound in LATENCY_BUCKETS]
+    for item in hist.get_recorded_iterator():
+        index = 0
+        while index < len(bounds_us) and item.value_iterated_to > bounds_us[index]:
+            index += 1
+        counts[index] += item.count_added_in_this_iter_step
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+        cumulative += n
+        buckets.append((bound, cumulative))
+    total = hist.get_total_count()
+    return buckets, hist.get_mean_value() * total / 1_000_000
+
+
+def load_registry(stats: RunStats, clock: Callable[[], float]) -> CollectorRegistry:
+    """A registry of its own holding only the run's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoadCollector(stats, clock))
+    return registry
