@@ -559,9 +559,9 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         return 2
 
     metrics_socket = None
-    if args.metrics_listen is not None:  # metrics (issue 12)
+    if config.metrics_listen is not None:  # metrics (issue 12)
         try:
-            metrics_socket = _metrics_socket(args.metrics_listen, config)
+            metrics_socket = _metrics_socket(config.metrics_listen, config)
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
