@@ -38,7 +38,6 @@ from mailstorm.load.workload import (
     parse_size_mix,
 )
 from mailstorm.metrics_http import (
-    MetricsAddress,
     add_metrics_arguments,
     bind_metrics_socket,
     bound_address,
@@ -561,7 +560,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     metrics_socket = None
     if config.metrics_listen is not None:  # metrics (issue 12)
         try:
-            metrics_socket = _metrics_socket(config.metrics_listen, config)
+            metrics_socket = bind_metrics_socket(config.metrics_listen)
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
@@ -586,7 +585,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         if config.procs > 1:
             from mailstorm.load.procs import run_procs
 
-            run_procs(config, stats, display=display)
+            run_procs(config, stats, display=display, metrics_socket=metrics_socket)
         else:
             _run_single(config, stats, display, factory, metrics_socket)
     except KeyboardInterrupt:
@@ -603,13 +602,6 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         if metrics_socket is not None:
             metrics_socket.close()
     return _report(config, stats, started_at, status)
-
-
-def _metrics_socket(address: MetricsAddress, config: LoadConfig) -> socket.socket:
-    """The listening socket of ``--metrics-listen``; ConfigError with one line if unusable."""
-    if config.procs > 1:
-        raise ConfigError("--metrics-listen works with one process only (--procs 1)")
-    return bind_metrics_socket(address)
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:

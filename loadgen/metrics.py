@@ -8,20 +8,34 @@ Latencies come from the run's exact HdrHistograms (microseconds) and are exporte
 histograms with the fixed ``LATENCY_BUCKETS``, one series per phase; a value is placed by its
 HdrHistogram bucket (3 significant digits), and ``_sum`` is the HdrHistogram's mean times its
 count, so it is exact to those digits.
+
+With ``--procs P`` the run's parent process serves: each worker sends ``live_counters`` with
+its progress (once a second), and ``ProcsMetrics`` sums the latest of each at scrape time. The
+parent has no event loop of its own (it waits on the workers' queue), so there the endpoint is
+a trio loop in a thread that ``ProcsMetrics.serving`` starts and joins; that thread only reads
+an immutable tuple of the workers' latest counters, which the parent replaces whole.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import trio
 from hdrh.histogram import HdrHistogram
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from mailstorm.load.stats import ERROR_KINDS, RunStats
+from mailstorm.load.stats import ERROR_KINDS, PhaseHistograms, RunStats
+from mailstorm.metrics_http import serve_metrics
 
-__all__ = ["LATENCY_BUCKETS", "LoadCollector", "load_registry"]
+__all__ = ["LATENCY_BUCKETS", "LoadCollector", "ProcsMetrics", "live_counters", "load_registry"]
 
 PREFIX = "mailstorm_load_"
 #: Upper bounds of the latency buckets, in seconds.
@@ -31,15 +45,15 @@ LATENCY_BUCKETS = (
 
 
 class LoadCollector(Collector):
-    """Metric families from a run's live ``RunStats``; ``clock`` gives the run's current time
-    (trio's, as ``stats.started``)."""
+    """Metric families from the ``RunStats`` that ``source`` gives at each scrape (the run's
+    own, live); ``clock`` gives the current time on the clock of ``RunStats.started``."""
 
-    def __init__(self, stats: RunStats, clock: Callable[[], float]) -> None:
-        self.stats = stats
+    def __init__(self, source: Callable[[], RunStats], clock: Callable[[], float]) -> None:
+        self.source = source
         self.clock = clock
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        s = self.stats
+        s = self.source()
 
         def counter(name: str, help: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(PREFIX + name, help, value=value)
@@ -109,8 +123,77 @@ def _buckets(hist: HdrHistogram) -> tuple[list[tuple[str, float]], float]:
     return buckets, hist.get_mean_value() * total / 1_000_000
 
 
-def load_registry(stats: RunStats, clock: Callable[[], float]) -> CollectorRegistry:
+def load_registry(source: Callable[[], RunStats], clock: Callable[[], float]) -> CollectorRegistry:
     """A registry of its own holding only the run's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LoadCollector(stats, clock))
+    registry.register(LoadCollector(source, clock))
     return registry
+
+
+def live_counters(stats: RunStats) -> dict[str, Any]:
+    """What a ``--procs`` worker sends its parent for the metrics: picklable, cumulative."""
+    return {
+        "attempted": stats.attempted,
+        "delivered": stats.delivered,
+        "failed": stats.failed,
+        "bytes_delivered": stats.bytes_delivered,
+        "connections": stats.connections,
+        "backoffs": stats.backoffs,
+        "sessions_open": stats.sessions_open,
+        "errors_by_kind": dict(stats.errors_by_kind),
+        "errors_by_code": dict(stats.errors_by_code),
+        "reconnects": dict(stats.reconnects),
+        "phases": stats.phases.encode(),
+    }
+
+
+class ProcsMetrics:
+    """The parent's view of a ``--procs`` run: the latest ``live_counters`` of each worker."""
+
+    def __init__(self, workers: int) -> None:
+        self._latest: list[dict[str, Any] | None] = [None] * workers
+        #: What the endpoint's thread reads: replaced whole, never changed in place.
+        self._published: tuple[dict[str, Any], ...] = ()
+        self.started = time.monotonic()
+
+    def publish(self, worker: int, counters: dict[str, Any]) -> None:
+        self._latest[worker] = counters
+        self._published = tuple(c for c in self._latest if c is not None)
+
+    def merged(self) -> RunStats:
+        """The workers' latest counters summed into a ``RunStats`` (histograms merged)."""
+        stats = RunStats(started=self.started)
+        for part in self._published:
+            for name in ("attempted", "delivered", "failed", "bytes_delivered", "connections",
+                         "backoffs", "sessions_open"):
+                setattr(stats, name, getattr(stats, name) + part[name])
+            stats.errors_by_kind.update(Counter(part["errors_by_kind"]))
+            stats.errors_by_code.update(Counter({int(k): n for k, n in
+                                                 part["errors_by_code"].items()}))
+            stats.reconnects.update(Counter(part["reconnects"]))
+            stats.phases.merge(PhaseHistograms.decode(part["phases"]))
+        return stats
+
+    @contextmanager
+    def serving(self, sock: socket.socket) -> Iterator[None]:
+        """Serve ``/metrics`` from ``merged`` in a thread with its own trio loop, for as long
+        as the block runs; the thread is joined when the block ends."""
+        registry = load_registry(self.merged, time.monotonic)
+        ready = threading.Event()
+        handle: list[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = []
+
+        async def serve() -> None:
+            with trio.CancelScope() as scope:
+                handle.append((trio.lowlevel.current_trio_token(), scope))
+                ready.set()
+                await serve_metrics(sock, registry)
+
+        thread = threading.Thread(target=trio.run, args=(serve,), name="mailstorm-metrics")
+        thread.start()
+        ready.wait()
+        try:
+            yield
+        finally:
+            token, scope = handle[0]
+            token.run_sync_soon(scope.cancel)
+            thread.join()

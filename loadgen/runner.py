@@ -181,7 +181,7 @@ async def run_load(
                 from mailstorm.load.metrics import load_registry
                 from mailstorm.metrics_http import serve_metrics
 
-                registry = load_registry(stats, trio.current_time)
+                registry = load_registry(lambda: stats, trio.current_time)
                 await outer.start(serve_metrics, metrics_socket, registry)
             async with trio.open_nursery() as nursery:
                 for j in range(sessions):
