@@ -1,7 +1,8 @@
 """Counters of a running sink, and the periodic one-line report.
 
 The session driver bumps plain integer attributes (no locks: trio runs one task at a time).
-A later metrics exporter reads the same object.
+The Prometheus exporter (``metrics``, ``--metrics-listen``) reads ``snapshot()`` when scraped,
+so a counter added here is exported too (under its own name, if ``metrics`` does not know it).
 """
 
 from __future__ import annotations

@@ -151,6 +151,30 @@ def test_one_sink_counts_exactly_what_was_sent(tmp_path: Path) -> None:
         assert kinds["mailstorm_sink_sessions_open"] == "gauge"
 
 
+def test_tls_and_auth_are_counted_by_result(tmp_path: Path, tls_files, auth_file) -> None:
+    with _sink(tmp_path, "--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key),
+               "--auth-file", str(auth_file)) as (port, mport, _):
+        with smtplib.SMTP("127.0.0.1", port, timeout=PROCESS_TIMEOUT) as client:
+            client.starttls(context=tls_files.client_context())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("alice", "wrong")
+            client.login("alice", "wonderland")
+        with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT) as raw:
+            raw.recv(1000)
+            raw.sendall(b"STARTTLS\r\n")
+            assert raw.recv(1000).startswith(b"220 ")
+            raw.sendall(b"not a TLS hello\r\n" * 10)  # the handshake fails
+            raw.recv(1000)
+        m = scrape_until(mport, "mailstorm_sink_sessions_open", 0)
+        assert m["mailstorm_sink_tls_handshakes_total"] == {
+            (("result", "failed"),): 1, (("result", "ok"),): 1}
+        # smtplib tries each offered mechanism (PLAIN, then LOGIN) before it gives up.
+        assert m["mailstorm_sink_auth_attempts_total"] == {
+            (("result", "failed"),): 2, (("result", "ok"),): 1}
+        replies = {labels[0][1]: n for labels, n in m["mailstorm_sink_replies_total"].items()}
+        assert replies["235"] == 1 and replies["535"] == 2
+
+
 def test_the_endpoint_bounds_what_a_scraper_sends(tmp_path: Path) -> None:
     with _sink(tmp_path) as (_, mport, _):
         with socket.create_connection(("127.0.0.1", mport), timeout=10) as conn:
@@ -168,7 +192,8 @@ def test_the_endpoint_bounds_what_a_scraper_sends(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 def test_workers_serve_one_scrape_with_the_sums(tmp_path: Path) -> None:
-    with _sink(tmp_path, "--workers", "2", *FAULTS) as (port, mport, log):
+    maildir = f"maildir:{tmp_path / 'mail'}"
+    with _sink(tmp_path, "--workers", "2", "--store", maildir, *FAULTS) as (port, mport, log):
         _send_the_mix(port)
         deadline = time.monotonic() + PROCESS_TIMEOUT
         while True:  # the workers report every half second: wait for the last of it
@@ -179,7 +204,7 @@ def test_workers_serve_one_scrape_with_the_sums(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, m
             time.sleep(0.1)
-        _check_the_mix(m, stored_to_maildir=False)
+        _check_the_mix(m, stored_to_maildir=True)  # the store histograms summed too
         assert m["mailstorm_sink_workers"][()] == 2
         assert m["mailstorm_sink_worker_restarts_total"][()] == 0
         # Only the supervisor serves metrics (the workers were not given --metrics-listen).
