@@ -48,6 +48,9 @@ MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
 #: Connections served at once; more are closed without an answer.
 MAX_SCRAPERS = 16
+#: accept() errors that mean "out of a resource for now", and how long to back off then.
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF = 0.1
 
 
 #: What ``--metrics-listen`` serves, per program.
@@ -143,7 +146,15 @@ async def serve_metrics(
     async with listener, trio.open_nursery() as nursery:
         task_status.started(address)
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # Out of file descriptors (a sink under a connect storm): the scrape can
+                # wait, the sink must not fail for it.
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
             try:
                 scrapers.acquire_nowait()
             except trio.WouldBlock:
