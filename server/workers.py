@@ -49,7 +49,8 @@ REPORT_INTERVAL = 0.5
 CRASH_LIMIT = 3
 CRASH_WINDOW = 10.0
 CRASH_BACKOFF = 2.0
-#: Counters that are summed over workers (the rest, like uptime, are not).
+#: Counters always in the totals (every other number a worker reports is summed too, see
+#: ``_summed_names``; uptime and pid are not).
 _SUMMED = (
     "sessions_total",
     "sessions_active",
