@@ -237,3 +237,19 @@ def test_a_metrics_port_in_use_is_one_line(workers: str) -> None:
     assert result.stderr.strip().splitlines() == [
         f"mailstorm sink: error: cannot serve metrics on 127.0.0.1:{port}: address already in use"
     ], result.stderr
+
+
+def test_counters_the_exporter_does_not_know_are_exported_under_their_own_name() -> None:
+    """A counter someone adds to SinkStats later (PROXY refusals, LMTP...) is not left out."""
+    from prometheus_client import generate_latest
+
+    from mailstorm.sink.metrics import sink_registry
+    from mailstorm.sink.stats import SinkStats
+
+    stats = SinkStats()
+    snapshot = {**stats.snapshot(), "proxy_headers_refused": 3, "lmtp.rcpt-replies": 2}
+    text = generate_latest(sink_registry(lambda: snapshot)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["mailstorm_sink_proxy_headers_refused"].samples[0].value == 3
+    assert families["mailstorm_sink_lmtp_rcpt_replies"].type == "unknown"
+    assert families["mailstorm_sink_lmtp_rcpt_replies"].samples[0].value == 2
