@@ -18,12 +18,13 @@ an immutable tuple of the workers' latest counters, which the parent replaces wh
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import trio
@@ -36,6 +37,8 @@ from mailstorm.load.stats import ERROR_KINDS, PhaseHistograms, RunStats
 from mailstorm.metrics_http import serve_metrics
 
 __all__ = ["LATENCY_BUCKETS", "LoadCollector", "ProcsMetrics", "live_counters", "load_registry"]
+
+log = logging.getLogger("mailstorm.load")
 
 PREFIX = "mailstorm_load_"
 #: Upper bounds of the latency buckets, in seconds.
@@ -188,12 +191,23 @@ class ProcsMetrics:
                 ready.set()
                 await serve_metrics(sock, registry)
 
-        thread = threading.Thread(target=trio.run, args=(serve,), name="mailstorm-metrics")
+        def run() -> None:
+            try:
+                trio.run(serve)
+            except Exception:
+                # The run goes on without its endpoint rather than fail for it.
+                log.exception("the metrics endpoint failed")
+            finally:
+                ready.set()
+
+        thread = threading.Thread(target=run, name="mailstorm-metrics")
         thread.start()
         ready.wait()
         try:
             yield
         finally:
-            token, scope = handle[0]
-            token.run_sync_soon(scope.cancel)
+            if handle:
+                token, scope = handle[0]
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(scope.cancel)
             thread.join()
