@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -36,6 +37,11 @@ from mailstorm.load.workload import (
     WorkloadError,
     parse_size,
     parse_size_mix,
+)
+from mailstorm.metrics_http import (
+    add_metrics_arguments,
+    bind_metrics_socket,
+    bound_address,
 )
 
 if TYPE_CHECKING:
@@ -336,6 +342,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="NAME",
         help="name for SNI and verification (default: the target host)",
     )
+    add_metrics_arguments(p, "load")
     g = p.add_argument_group("output")
     g.add_argument("--json", dest="json_path", metavar="FILE", help="write the full JSON report")
     g.add_argument(
@@ -492,6 +499,7 @@ def _run_single(
     stats: RunStats,
     display: ProgressDisplay | None,
     factory: MessageFactory | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
     import trio
 
@@ -507,7 +515,11 @@ def _run_single(
 
     trio.run(
         lambda: run_load(
-            config, stats, factory=factory, on_progress=on_progress if display else None
+            config,
+            stats,
+            factory=factory,
+            on_progress=on_progress if display else None,
+            metrics_socket=metrics_socket,
         )
     )
 
@@ -549,6 +561,14 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
+    metrics_socket = None
+    if config.metrics_listen is not None:  # metrics (issue 12)
+        try:
+            metrics_socket = bind_metrics_socket(config.metrics_listen)
+        except ConfigError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        err.print(f"metrics at http://{bound_address(metrics_socket)}/metrics", markup=False)
     display = None
     if not config.quiet:
         from mailstorm.load.live import PLAIN_EVERY, ProgressDisplay
@@ -569,9 +589,9 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         if config.procs > 1:
             from mailstorm.load.procs import run_procs
 
-            run_procs(config, stats, display=display)
+            run_procs(config, stats, display=display, metrics_socket=metrics_socket)
         else:
-            _run_single(config, stats, display, factory)
+            _run_single(config, stats, display, factory, metrics_socket)
     except KeyboardInterrupt:
         status = INTERRUPTED
         err.print("interrupted: reporting what was measured so far")
@@ -583,6 +603,8 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
     finally:
         if display is not None:
             display.stop()
+        if metrics_socket is not None:
+            metrics_socket.close()
     # When the measurement began (after --procs spawned its workers), else the command's start.
     return _report(config, stats, stats.started_wall or started_at, status)
 

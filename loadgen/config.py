@@ -15,6 +15,7 @@ from typing import Any
 
 from mailstorm.cliutil import split_host_port
 from mailstorm.errors import ConfigError
+from mailstorm.metrics_http import MetricsAddress
 from mailstorm.wire.client import ClientConfig
 
 __all__ = ["OPTION_NAMES", "ConfigError", "LoadConfig", "Target", "parse_target"]
@@ -127,6 +128,9 @@ class LoadConfig:
     #: (address family, socket address) the probe before the run connected to: the run
     #: connects there without resolving and probing the name again (None: it does).
     probed_address: tuple[int, tuple[Any, ...]] | None = None
+    # ---- Prometheus metrics (issue 12) ----
+    #: Serve the run's live counters at ``/metrics`` here (None: no endpoint).
+    metrics_listen: MetricsAddress | None = None
 
     def __post_init__(self) -> None:
         if self.target.lmtp and not self.client.lmtp:

@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import queue as queue_module
+import socket
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstorm.load.config import ConfigError, LoadConfig
 from mailstorm.load.live import ProgressDisplay, ProgressSnapshot
 from mailstorm.load.stats import RunStats
+
+if TYPE_CHECKING:
+    from mailstorm.load.metrics import ProcsMetrics
 
 __all__ = ["WorkerFailed", "run_procs"]
 
@@ -55,8 +59,13 @@ def _worker_main(
         go.wait()
 
         def on_progress(stats: RunStats, now: float) -> None:
-            snap = ProgressSnapshot.take(stats, now)
-            results.put(("progress", worker, _snapshot_to_wire(snap)))
+            if not config.quiet:
+                snap = ProgressSnapshot.take(stats, now)
+                results.put(("progress", worker, _snapshot_to_wire(snap)))
+            if config.metrics_listen is not None:  # metrics (issue 12): the parent serves
+                from mailstorm.load.metrics import live_counters
+
+                results.put(("metrics", worker, live_counters(stats)))
 
         stats = RunStats()
         # Ctrl-C reaches every worker too: stop, and report what was measured.
@@ -68,7 +77,9 @@ def _worker_main(
                     worker=worker,
                     workers=workers,
                     factory=factory,
-                    on_progress=None if config.quiet else on_progress,
+                    on_progress=(
+                        None if config.quiet and config.metrics_listen is None else on_progress
+                    ),
                 )
             )
         results.put(("result", worker, stats.to_dict()))
@@ -111,9 +122,13 @@ def _snapshot_from_wire(data: dict[str, Any]) -> ProgressSnapshot:
 
 
 def run_procs(
-    config: LoadConfig, stats: RunStats | None = None, display: ProgressDisplay | None = None
+    config: LoadConfig,
+    stats: RunStats | None = None,
+    display: ProgressDisplay | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> RunStats:
-    """Run ``config.procs`` workers and merge their results into ``stats``.
+    """Run ``config.procs`` workers and merge their results into ``stats``; serve their live
+    counters at ``/metrics`` on ``metrics_socket`` (listening) while they run.
 
     On Ctrl-C (which every worker receives too) the workers stop and still report what they
     measured; those results are merged before KeyboardInterrupt propagates.
@@ -132,16 +147,24 @@ def run_procs(
         )
         for w in range(workers)
     ]
+    metrics = None
+    serving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if metrics_socket is not None:
+        from mailstorm.load.metrics import ProcsMetrics
+
+        metrics = ProcsMetrics(workers)
+        serving = metrics.serving(metrics_socket)
     for p in processes:
         p.start()
     try:
-        _wait_ready(processes, results)
-        go.set()
-        try:
-            _collect(processes, results, merged, display)
-        except KeyboardInterrupt:
-            _collect(processes, results, merged, None, patience=INTERRUPT_PATIENCE)
-            raise
+        with serving:
+            _wait_ready(processes, results)
+            go.set()
+            try:
+                _collect(processes, results, merged, display, metrics=metrics)
+            except KeyboardInterrupt:
+                _collect(processes, results, merged, None, patience=INTERRUPT_PATIENCE)
+                raise
     finally:
         for p in processes:
             p.join(timeout=1)
@@ -183,6 +206,7 @@ def _collect(
     display: ProgressDisplay | None,
     *,
     patience: float | None = None,
+    metrics: ProcsMetrics | None = None,
 ) -> None:
     """Relay progress until every worker has sent its result; merge each result.
 
@@ -208,8 +232,16 @@ def _collect(
                     combined.add(snap)
                 reported.clear()
                 display.update(combined)
+        elif kind == "metrics":
+            if metrics is not None:
+                metrics.publish(worker, payload)
         elif kind == "result":
-            merged.merge(RunStats.from_dict(payload))
+            result = RunStats.from_dict(payload)
+            if metrics is not None:
+                from mailstorm.load.metrics import live_counters
+
+                metrics.publish(worker, live_counters(result))
+            merged.merge(result)
             done.add(worker)
             latest.pop(worker, None)
         elif kind == "config-error":

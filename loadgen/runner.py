@@ -80,6 +80,7 @@ async def _session_main(ctx: LoadContext, tickets: MessageTickets, start_at: flo
     session = LoadSession(ctx)
     protocol = session.protocol
     closed_loop = tickets.schedule is None
+    ctx.stats.sessions_open += 1
     try:
         while True:
             if closed_loop and protocol.backoff_until:
@@ -90,6 +91,7 @@ async def _session_main(ctx: LoadContext, tickets: MessageTickets, start_at: flo
             await session.send_messages(*ticket, tickets)
         await session.quit()
     finally:
+        ctx.stats.sessions_open -= 1
         if session.stream is not None:
             # Cancelled (Ctrl-C): do not wait for anything, just close.
             with trio.CancelScope(shield=True):
@@ -133,11 +135,13 @@ async def run_load(
     workers: int = 1,
     factory: MessageFactory | None = None,
     on_progress: ProgressCallback | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> RunStats:
     """Run this process's share of the load and return what it measured.
 
     ``stats`` may be passed in so that a caller interrupted (Ctrl-C) still has the partial
     results. ``worker``/``workers`` select this process's share of sessions and messages.
+    ``metrics_socket`` (listening): serve the live counters at ``/metrics`` during the run.
     """
     stats = stats if stats is not None else RunStats()
     family, sockaddr = await resolve_target(config)
@@ -174,6 +178,12 @@ async def run_load(
             if on_progress is not None:
                 outer.start_soon(_progress_loop, stats, config.progress_interval, on_progress)
             outer.start_soon(_sample_loop_lag, stats)
+            if metrics_socket is not None:
+                from mailstorm.load.metrics import load_registry
+                from mailstorm.metrics_http import serve_metrics
+
+                registry = load_registry(lambda: stats, trio.current_time)
+                await outer.start(serve_metrics, metrics_socket, registry)
             async with trio.open_nursery() as nursery:
                 for j in range(sessions):
                     # In closed loop, --ramp-up staggers session starts over the ramp; in open

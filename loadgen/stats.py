@@ -386,6 +386,9 @@ class RunStats:
     backoff_s: float = 0.0
     #: TLS handshakes by protocol version and cipher ("TLSv1.3 TLS_AES_256_GCM_SHA384").
     tls_ciphers: Counter[str] = field(default_factory=Counter)
+    # ---- Prometheus metrics (issue 12) ----
+    #: Session tasks running now (live only: not reported, not merged).
+    sessions_open: int = 0
 
     # -- recording (hot path) --------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import trio
 from mailstorm._net.netstream import SocketTransport
 from mailstorm._net.readiness import open_readiness_hub
 from mailstorm.errors import ConfigError
+from mailstorm.metrics_http import MetricsAddress, bind_metrics_socket, serve_metrics
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.faults import FaultPlan, FaultSpecError
 from mailstorm.wire.server import SessionPolicy
@@ -102,6 +103,7 @@ class SinkServer:
             insecure_auth=config.insecure_auth,
             bare_linefeed=config.bare_linefeed,
             faults=self.fault_plan,
+            reply_counts=self.stats.reply_counts,
         )
         self._ctx = SinkContext(
             policy=self.policy,
@@ -133,6 +135,9 @@ class SinkServer:
         self._accept_errors = AcceptErrorEpisode(log, trio.current_time, ACCEPT_BACKOFF)
         #: Failed AUTH attempts per client address, shared by every session of this server.
         self.auth_limiter = self._ctx.auth_limiter
+        #: Where ``/metrics`` is served once ``serve`` has started (``--metrics-listen``).
+        self.metrics_address: MetricsAddress | None = None
+        self._metrics_socket: socket.socket | None = None
 
     @classmethod
     def from_config(cls, config: SinkConfig) -> SinkServer:
@@ -176,6 +181,8 @@ class SinkServer:
         self.addresses = [_bound(lst) for lst in plain]
         self.tls_addresses = [_bound(lst) for lst in tls]
         try:
+            if self.config.metrics_listen is not None:
+                self._metrics_socket = bind_metrics_socket(self.config.metrics_listen)
             # The readiness hub serves every session's socket, so it outlives the sessions.
             async with open_readiness_hub() as self._ctx.hub:
                 await self._serve_sessions(listeners, task_status)
@@ -185,6 +192,8 @@ class SinkServer:
         finally:
             for listener, _ in listeners:
                 listener.close()
+            if self._metrics_socket is not None:
+                self._metrics_socket.close()
         # A worker (--workers) leaves the last word to its supervisor, which sums them all.
         log.log(
             logging.DEBUG if self.config.report_interval > 0 else logging.INFO,
@@ -201,6 +210,9 @@ class SinkServer:
         async with trio.open_nursery() as sessions:
             reaper_scope = trio.CancelScope()
             sessions.start_soon(self._reap_idle_sessions, reaper_scope)
+            metrics_scope = trio.CancelScope()  # metrics: until the sessions have drained
+            if self._metrics_socket is not None:
+                self.metrics_address = await sessions.start(self._serve_metrics, metrics_scope)
             async with trio.open_nursery() as services:
                 self._service_scope = services.cancel_scope
                 if self._stopping:
@@ -217,6 +229,7 @@ class SinkServer:
                 listener.close()
             await self._drain()
             reaper_scope.cancel()
+            metrics_scope.cancel()
 
     def shutdown(self, *, immediately: bool = False) -> None:
         """Begin a graceful shutdown (idempotent; safe before ``serve`` has started).
@@ -295,6 +308,7 @@ class SinkServer:
     async def _refuse(self, transport: SocketTransport) -> None:
         with trio.move_on_after(REFUSAL_TIMEOUT):
             with contextlib.suppress(trio.BrokenResourceError):
+                self.stats.reply_counts[421] += 1
                 await transport.send_all(R.too_many_connections(self.policy.hostname).to_bytes())
         await transport.aclose()
 
@@ -324,6 +338,21 @@ class SinkServer:
         )
         with scope:
             await reaper.run()
+
+    async def _serve_metrics(
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[MetricsAddress] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve ``/metrics`` from this server's counters until ``scope`` is cancelled."""
+        from .metrics import sink_registry  # prometheus-client only when metrics are asked for
+
+        assert self._metrics_socket is not None
+        with scope:
+            await serve_metrics(
+                self._metrics_socket, sink_registry(self.stats.snapshot), task_status=task_status
+            )
 
     async def _report_to_supervisor(self, interval: float) -> None:
         """Worker mode: a JSON line of counters on stdout now and every ``interval`` seconds

@@ -24,6 +24,7 @@ from mailstorm.cliutil import (
     value_type,
 )
 from mailstorm.configfile import add_config_options, effective_argv, parse_args
+from mailstorm.metrics_http import add_metrics_arguments, bind_metrics_socket
 from mailstorm.wire.data import BareLinefeedPolicy
 
 from .app import ConfigError, SinkServer, listening_sockets
@@ -284,6 +285,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "every worker gets the same seed)",
     )
 
+    add_metrics_arguments(p, "sink")
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -361,6 +363,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         throttle=args.throttle,
         magic_addresses=args.magic_addresses,
         fault_seed=args.fault_seed,
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -376,6 +379,8 @@ async def _run(server: SinkServer) -> None:
                 "%s",
                 listening_line(names, tls_names, server.store.describe()),
             )
+            if server.metrics_address is not None:
+                log.info("metrics at http://%s/metrics", server.metrics_address)
             level = logging.DEBUG if server.config.report_interval > 0 else logging.INFO
             seen = 0
             async for signum in signals:
@@ -461,6 +466,9 @@ def _supervise(
             # another program fails here, with the usual one-line error.
             for sock in listening_sockets(address, reuse_port=True):
                 sock.close()
+        metrics_socket = None
+        if config.metrics_listen is not None:
+            metrics_socket = bind_metrics_socket(config.metrics_listen)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -469,17 +477,29 @@ def _supervise(
         ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store
     )
     supervisor = WorkerSupervisor(
-        worker_args, args.workers, stats_interval=args.stats_interval, banner=banner
+        worker_args,
+        args.workers,
+        stats_interval=args.stats_interval,
+        banner=banner,
+        metrics_socket=metrics_socket,
     )
     try:
         return trio.run(supervisor.run)
     finally:
         for holder in holders + tls_holders:
             holder.close()
+        if metrics_socket is not None:
+            metrics_socket.close()
 
 
 #: Options the supervisor owns: workers get concrete listeners and report to it instead.
-_SUPERVISOR_OPTIONS = ("--workers", "--listen", "--tls-listen", "--stats-interval")
+_SUPERVISOR_OPTIONS = (
+    "--workers",
+    "--listen",
+    "--tls-listen",
+    "--stats-interval",
+    "--metrics-listen",
+)
 
 
 def _worker_args(argv: list[str], listen: list[Address], tls_listen: list[Address]) -> list[str]:

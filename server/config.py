@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from mailstorm.cliutil import split_host_port
+from mailstorm.metrics_http import MetricsAddress
 from mailstorm.wire.data import BareLinefeedPolicy
 
 __all__ = ["Address", "SinkConfig", "parse_address"]
@@ -129,6 +130,9 @@ class SinkConfig:
     magic_addresses: bool = False
     #: Seed of the random source behind ``N%`` triggers (None: unpredictable).
     fault_seed: int | None = None
+    # ---- Prometheus metrics (issue 12) ----
+    #: Serve ``/metrics`` here (None: no metrics endpoint). ``--workers``: the supervisor's.
+    metrics_listen: MetricsAddress | None = None
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

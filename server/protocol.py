@@ -186,7 +186,9 @@ class SinkProtocol:
                 self.store.deliver_now(event.envelope, event.content, delivery.trace)
                 self._count_delivery(delivery)
             elif kind is MessageRefused:
+                assert isinstance(event, MessageRefused)
                 self.stats.messages_refused += 1
+                self.stats.count_refused(event.reason.replace(" ", "_"))
             elif event is OutputFull:
                 return Action.SEND
             elif kind is AuthAttempt:
@@ -202,6 +204,7 @@ class SinkProtocol:
                 self._count_fault(event.point, str(event.code), event.why)
                 if event.point == "EOD":
                     self.stats.messages_refused += 1
+                    self.stats.count_refused("fault")
             elif kind is Delay:
                 assert isinstance(event, Delay)
                 self._count_fault(event.point, "delay", event.why, f" {event.seconds:g}s")
@@ -228,6 +231,7 @@ class SinkProtocol:
         self.delivery = None
         self.stats.storage_failures += 1
         self.stats.messages_refused += 1
+        self.stats.count_refused("storage_failure")
         self.conn.message_failed()
 
     @property
@@ -244,6 +248,7 @@ class SinkProtocol:
         limiter = self.auth_limiter
         self.conn.auth_result(ok)
         if ok:
+            self.stats.auth_successes += 1
             if limiter is not None:
                 limiter.record_success(self.peer_ip)
             return 0.0

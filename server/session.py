@@ -33,6 +33,7 @@ import logging
 import math
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -295,15 +296,18 @@ class Session:
         # The store's time is not the client's: no deadline runs while it works, and a
         # shutdown waits for it, so a message is never stored and then answered 421.
         self.idle_deadline = math.inf
+        started = time.perf_counter()
         try:
             with trio.CancelScope(shield=True):
                 await self.ctx.store.deliver(
                     delivery.event.envelope, delivery.event.content, delivery.trace
                 )
         except (StoreError, OSError) as exc:
+            self.ctx.stats.observe_store(time.perf_counter() - started)
             log.error("storing message %s failed: %s", delivery.queue_id, exc)
             protocol.delivery_failed()
         else:
+            self.ctx.stats.observe_store(time.perf_counter() - started)
             protocol.delivered()
         return protocol.advance()
 
@@ -433,6 +437,7 @@ class Session:
         try:
             await tls_stream.do_handshake()
         except trio.BrokenResourceError as exc:
+            ctx.stats.tls_failures += 1
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
             return False
         self.protocol.tls_started(*_tls_details(tls_stream))

@@ -1,18 +1,50 @@
 """Counters of a running sink, and the periodic one-line report.
 
 The session driver bumps plain integer attributes (no locks: trio runs one task at a time).
-A later metrics exporter reads the same object.
+The Prometheus exporter (``metrics``, ``--metrics-listen``) reads ``snapshot()`` when scraped,
+so a counter added here is exported too (under its own name, if ``metrics`` does not know it).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
-__all__ = ["FAULT_KEY_PREFIX", "SinkStats"]
+__all__ = [
+    "FAULT_KEY_PREFIX",
+    "REFUSED_KEY_PREFIX",
+    "REPLY_KEY_PREFIX",
+    "STORE_BUCKETS",
+    "STORE_KEY_PREFIX",
+    "SinkStats",
+]
 
 #: Keys of ``SinkStats.snapshot`` that count injected faults by point and kind.
 FAULT_KEY_PREFIX = "faults."
+# ---- Prometheus metrics (issue 12): more counters, flat keys so that workers' sums stay simple
+#: Keys counting replies by code (``replies.250``).
+REPLY_KEY_PREFIX = "replies."
+#: Keys counting refused messages by reason (``refused.too_big``, ``refused.fault``).
+REFUSED_KEY_PREFIX = "refused."
+#: Keys of the store-latency histogram: ``store_seconds.le.0.005`` (cumulative counts, as
+#: Prometheus buckets are), ``store_seconds.count``, ``store_seconds.sum``.
+STORE_KEY_PREFIX = "store_seconds."
+#: Upper bounds of the store-latency buckets, in seconds (fixed, so that workers' counts add).
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Reply codes are three digits; a list indexed by code costs one increment per reply.
+_REPLY_CODES = 600
+
+
+#: Attributes that ``snapshot`` gives in another form (or not at all).
+_NOT_FLAT = (
+    "started",
+    "fault_counts",
+    "reply_counts",
+    "refused_counts",
+    "store_buckets",
+    "store_seconds",
+)
 
 
 @dataclass(slots=True)
@@ -39,6 +71,18 @@ class SinkStats:
     faults_dropped: int = 0
     #: The same, by point and kind: "RCPT 450", "EOD drop", "BANNER delay".
     fault_counts: dict[str, int] = field(default_factory=dict)
+    # ---- Prometheus metrics (issue 12) ----
+    #: Successful AUTH, and TLS handshakes that failed (``tls_sessions`` counts the good ones).
+    auth_successes: int = 0
+    tls_failures: int = 0
+    #: Replies given, indexed by code (the core counts into it, ``SessionPolicy.reply_counts``).
+    reply_counts: list[int] = field(default_factory=lambda: [0] * _REPLY_CODES)
+    #: Refused messages by reason: "too_big", "bare_linefeed", "fault", "storage_failure".
+    refused_counts: dict[str, int] = field(default_factory=dict)
+    #: Store latency (stores that wait: maildir, mbox): counts per ``STORE_BUCKETS`` bound
+    #: (not cumulative; the last is +Inf), and the sum of the seconds.
+    store_buckets: list[int] = field(default_factory=lambda: [0] * (len(STORE_BUCKETS) + 1))
+    store_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)
@@ -54,6 +98,15 @@ class SinkStats:
         key = f"{point} {what}"
         self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
 
+    def count_refused(self, reason: str) -> None:
+        """One message refused (and counted in ``messages_refused`` by the caller)."""
+        self.refused_counts[reason] = self.refused_counts.get(reason, 0) + 1
+
+    def observe_store(self, seconds: float) -> None:
+        """One store call that took ``seconds``."""
+        self.store_buckets[bisect_left(STORE_BUCKETS, seconds)] += 1
+        self.store_seconds += seconds
+
     def snapshot(self) -> dict[str, int | float]:
         """The counters as a dict (for JSON, metrics, and tests); the faults by point and kind
         as flat ``faults.POINT.KIND`` keys (``faults.EOD.452``), so that sums stay simple."""
@@ -61,14 +114,29 @@ class SinkStats:
             {
                 name: getattr(self, name)
                 for name in self.__slots__
-                if not name.startswith("_") and name not in ("started", "fault_counts")
+                if not name.startswith("_") and name not in _NOT_FLAT
             }
             | {
                 f"{FAULT_KEY_PREFIX}{key.replace(' ', '.')}": n
                 for key, n in self.fault_counts.items()
             }
+            | self._metrics_snapshot()
             | {"uptime": round(time.monotonic() - self.started, 3)}
         )
+
+    def _metrics_snapshot(self) -> dict[str, int | float]:
+        """Replies by code, refusals by reason and the store histogram as flat keys."""
+        flat: dict[str, int | float] = {
+            f"{REPLY_KEY_PREFIX}{code}": n for code, n in enumerate(self.reply_counts) if n
+        }
+        flat |= {f"{REFUSED_KEY_PREFIX}{why}": n for why, n in self.refused_counts.items()}
+        cumulative = 0
+        for bound, n in zip(STORE_BUCKETS, self.store_buckets, strict=False):
+            cumulative += n
+            flat[f"{STORE_KEY_PREFIX}le.{bound:g}"] = cumulative
+        flat[f"{STORE_KEY_PREFIX}count"] = cumulative + self.store_buckets[-1]
+        flat[f"{STORE_KEY_PREFIX}sum"] = self.store_seconds
+        return flat
 
     def interval_line(self) -> str:
         """A line of counters, with the message rate since the previous call."""

@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
+from mailstorm.metrics_http import serve_metrics
+
 from .config import Address
 from .stats import FAULT_KEY_PREFIX
 
@@ -47,7 +49,8 @@ REPORT_INTERVAL = 0.5
 CRASH_LIMIT = 3
 CRASH_WINDOW = 10.0
 CRASH_BACKOFF = 2.0
-#: Counters that are summed over workers (the rest, like uptime, are not).
+#: Counters always in the totals (every other number a worker reports is summed too, see
+#: ``_summed_names``; uptime and pid are not).
 _SUMMED = (
     "sessions_total",
     "sessions_active",
@@ -67,10 +70,25 @@ _SUMMED = (
 _GAUGES = ("sessions_active",)
 
 
+#: Keys of a worker's report that are not summed (metrics, issue 12: every other is).
+_NOT_SUMMED = ("pid", "uptime")
+
+
 def _summed_names(snapshot: dict[str, float]) -> list[str]:
-    """The counters of a worker's report that are summed: ``_SUMMED`` and the injected faults
-    by point and kind (``faults.EOD.452``), whose names depend on the faults configured."""
-    return [*_SUMMED, *(name for name in snapshot if name.startswith(FAULT_KEY_PREFIX))]
+    """The counters of a worker's report that are summed: ``_SUMMED`` and every other number
+    (the injected faults by point and kind, ``faults.EOD.452``, replies by code, the store
+    histogram's buckets), whose names depend on what happened."""
+    return [
+        *_SUMMED,
+        *(
+            name
+            for name, value in snapshot.items()
+            if name not in _SUMMED
+            and name not in _NOT_SUMMED
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ),
+    ]
 
 
 def reserve_ports(addresses: Sequence[Address]) -> tuple[list[Address], list[socket.socket]]:
@@ -106,6 +124,7 @@ class WorkerSupervisor:
         *,
         stats_interval: float,
         banner: str = "mailstorm sink workers",
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.worker_args = [*worker_args, "--reuse-port", "--worker-report", f"{REPORT_INTERVAL}"]
         self.count = count
@@ -120,6 +139,8 @@ class WorkerSupervisor:
         self._processes: list[trio.Process | None] = [None] * count
         self._ready = [trio.Event() for _ in range(count)]
         self._failed_exit = False
+        #: Serves ``/metrics`` from ``totals`` once the workers serve (``--metrics-listen``).
+        self.metrics_socket = metrics_socket
 
     # ---- counters --------------------------------------------------------------------------
 
@@ -164,6 +185,8 @@ class WorkerSupervisor:
                     self.count,
                     ", ".join(str(pid) for pid in self.pids),
                 )
+                if self.metrics_socket is not None:
+                    await nursery.start(self._serve_metrics, self.metrics_socket)
                 if self.stats_interval > 0:
                     nursery.start_soon(self._report, self.stats_interval)
                 nursery.start_soon(self._forward_signals, signals)
@@ -171,6 +194,21 @@ class WorkerSupervisor:
                 nursery.cancel_scope.cancel()
         log.info("stopped: %s", self.totals_line())
         return 1 if self._failed_exit else 0
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        """What ``/metrics`` shows: the sums, and the workers' count and restarts."""
+        return {**self.totals(), "workers": self.count, "worker_restarts": self.restarts}
+
+    async def _serve_metrics(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve ``/metrics`` from the sums over the workers; say where once it accepts."""
+        from .metrics import sink_registry  # prometheus-client only when metrics are asked for
+
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(serve_metrics, sock, sink_registry(self.metrics_snapshot))
+            log.info("metrics at http://%s/metrics", address)
+            task_status.started()
 
     def stop(self) -> None:
         """Graceful shutdown of every worker (a second call skips their grace period)."""

@@ -43,7 +43,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, auto
 from functools import cache
 
@@ -119,6 +119,9 @@ class SessionPolicy:
     #: Replies, delays and drops to inject (None: none, the usual case). One plan is shared
     #: by all sessions of a server: its ``every=N`` counts and once-keys are per process.
     faults: FaultPlan | None = None
+    #: Where to count the replies queued, by code (``reply_counts[250] += 1``), shared by all
+    #: sessions; None: not counted. A list indexed by code: one increment per reply.
+    reply_counts: list[int] | None = field(default=None, compare=False, hash=False)
 
     def ehlo_keywords(self, tls_active: bool) -> list[str]:
         """The EHLO keyword lines (RFC 5321 4.1.1.1) for a session in this TLS state."""
@@ -251,6 +254,9 @@ class ServerConnection:
         self._buf = bytearray()
         banner = R.banner(policy.hostname).to_bytes()
         self._out: list[bytes] = [banner]
+        self._reply_counts = policy.reply_counts
+        if self._reply_counts is not None:
+            self._reply_counts[220] += 1  # taken back if an injected fault replaces it
         # Octets in ``_out``, kept as replies are queued: the back-pressure check is then one
         # compare against ``_unsent_bound`` (``policy.max_unsent_output``, or never when 0).
         self._unsent = len(banner)
@@ -386,6 +392,9 @@ class ServerConnection:
         wire = reply.to_bytes()
         self._out.append(wire)
         self._unsent += len(wire)
+        counts = self._reply_counts
+        if counts is not None:
+            counts[reply.code] += 1
 
     def _refuse(self, reply: Reply) -> None:
         """Reply to a client error and count it; past the limit the session ends with 421."""
@@ -464,6 +473,8 @@ class ServerConnection:
         if verdict is None:
             return
         event: Event | None = None
+        if (verdict.drop or verdict.reply is not None) and self._reply_counts is not None:
+            self._reply_counts[220] -= 1  # the banner counted in __init__ never leaves
         if verdict.drop:
             self._out.clear()
             self._unsent = 0
