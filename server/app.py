@@ -40,6 +40,7 @@ from .admission import AcceptErrorEpisode, AddressSlots
 from .authlimit import AuthFailureLimiter
 from .config import Address, SinkConfig
 from .credentials import CredentialStore
+from .proxy import proxy_policy
 from .session import IdleReaper, Session, SinkContext
 from .stats import SinkStats
 from .stores import Store, open_store
@@ -115,6 +116,7 @@ class SinkServer:
             max_session_time=config.max_session_time,
             auth_limiter=AuthFailureLimiter(config.max_auth_failures),
             throttle=config.throttle,
+            proxy=proxy_policy(config.proxy_protocol, config.proxy_from, config.proxy_timeout),
         )
         if config.tls_listen and ssl_context is None:
             raise ConfigError("--tls-listen needs --tls-cert and --tls-key")

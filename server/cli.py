@@ -42,6 +42,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .proxy import add_proxy_arguments
 from .workers import WorkerSupervisor, reserve_ports
 
 __all__ = ["build_parser", "main"]
@@ -283,6 +284,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "every worker gets the same seed)",
     )
 
+    add_proxy_arguments(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -359,6 +361,9 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         throttle=args.throttle,
         magic_addresses=args.magic_addresses,
         fault_seed=args.fault_seed,
+        proxy_protocol=args.proxy_protocol,
+        proxy_from=tuple(map(str, args.proxy_from)),
+        proxy_timeout=args.proxy_timeout,
     )
 
 

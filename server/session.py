@@ -48,6 +48,7 @@ from mailstorm.wire.server import SessionPolicy
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
 from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
+from .proxy import ProxyPolicy, ReplayStream, receive_proxy_header
 from .stats import SinkStats
 from .stores import Store, StoreError
 
@@ -92,6 +93,8 @@ class SinkContext:
     hub: ReadinessHub | None = None
     #: Octets per second each session reads at most (0: no throttle; ``--throttle``).
     throttle: int = 0
+    #: Every connection opens with a PROXY header (None: no PROXY protocol; ``proxy.py``).
+    proxy: ProxyPolicy | None = None
 
 
 class IdleReaper:
@@ -211,6 +214,8 @@ class Session:
         stats.sessions_active += 1
         try:
             with self._scope:
+                if ctx.proxy is not None and not await self._proxy_header(ctx.proxy):
+                    return
                 now = trio.current_time()
                 self.idle_deadline = now + ctx.command_timeout
                 if ctx.max_session_time > 0:
@@ -230,6 +235,27 @@ class Session:
                 stream.close()  # plain TCP: nothing to say goodbye with, no need to wait
             else:
                 await trio.aclose_forcefully(stream)
+
+    async def _proxy_header(self, policy: ProxyPolicy) -> bool:
+        """Read the PROXY header before anything else; False if the connection is refused.
+
+        The client it names becomes the session's peer. What followed it in the same read is
+        the client's: the TLS layer's (implicit TLS), or pipelined SMTP input, which the
+        protocol answers after its banner (queued when it was made).
+        """
+        peer = (self.peer_ip, self.peer_port)
+        header = await receive_proxy_header(self._plain, policy, self.ctx.stats, peer)
+        if header is None:
+            return False
+        if header.client is not None:
+            self.peer_ip, self.peer_port = header.client
+            self.protocol.peer_ip = self.peer_ip
+        if header.following:
+            if self.implicit_tls:
+                self.stream = ReplayStream(self._plain, header.following)
+            else:
+                self.protocol.receive(header.following)
+        return True
 
     async def _loop(self) -> None:
         """Carry out the protocol's actions until one of them ends the session."""

@@ -39,6 +39,13 @@ class SinkStats:
     faults_dropped: int = 0
     #: The same, by point and kind: "RCPT 450", "EOD drop", "BANNER delay".
     fault_counts: dict[str, int] = field(default_factory=dict)
+    # ---- PROXY protocol (--proxy-protocol): headers accepted, connections dropped by why ----
+    proxy_accepted: int = 0
+    proxy_refused_untrusted: int = 0
+    proxy_refused_malformed: int = 0
+    proxy_refused_truncated: int = 0
+    proxy_refused_oversize: int = 0
+    proxy_refused_timeout: int = 0
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)
@@ -82,6 +89,17 @@ class SinkStats:
             + (f", refused {self.messages_refused}" if self.messages_refused else "")
             + (f", storage failures {self.storage_failures}" if self.storage_failures else "")
             + (f", faults {self.faults_line()}" if self.fault_counts else "")
+            + (f", PROXY refused {self.proxy_refused()}" if self.proxy_refused() else "")
+        )
+
+    def proxy_refused(self) -> int:
+        """Connections dropped for their PROXY header (or its absence), whatever the reason."""
+        return (
+            self.proxy_refused_untrusted
+            + self.proxy_refused_malformed
+            + self.proxy_refused_truncated
+            + self.proxy_refused_oversize
+            + self.proxy_refused_timeout
         )
 
     def faults_line(self) -> str:

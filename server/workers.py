@@ -62,6 +62,12 @@ _SUMMED = (
     "faults_replied",
     "faults_delayed",
     "faults_dropped",
+    "proxy_accepted",
+    "proxy_refused_untrusted",
+    "proxy_refused_malformed",
+    "proxy_refused_truncated",
+    "proxy_refused_oversize",
+    "proxy_refused_timeout",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)
