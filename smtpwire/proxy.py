@@ -161,7 +161,10 @@ class ProxyHeaderParser:
         n = min(len(buf), len(V2_SIGNATURE))
         if buf[:n] == V2_SIGNATURE[:n]:
             return _v2(buf, self.max_size) if n == len(V2_SIGNATURE) else None
-        return ProxyRefusal(Refusal.BAD_SIGNATURE, repr(buf[:8]))
+        # The octets up to the first wrong one: the same however the input was split.
+        expected = V2_SIGNATURE if buf[:1] == V2_SIGNATURE[:1] else _V1_PREFIX
+        wrong = next(i for i, (a, b) in enumerate(zip(buf, expected, strict=False)) if a != b)
+        return ProxyRefusal(Refusal.BAD_SIGNATURE, repr(buf[: wrong + 1]))
 
 
 def _v1(buf: bytes) -> ProxyHeader | ProxyRefusal | None:
