@@ -281,7 +281,7 @@ class SinkServer:
                     self.stats.sessions_refused_per_ip += 1
                     sessions.start_soon(self._refuse, SocketTransport(sock))
                     continue
-                session = Session(sock, self._ctx, tls=implicit_tls)
+                session = Session(sock, self._ctx, tls=implicit_tls, peer=(address, peer[1]))
                 self._sessions.add(session)
                 sessions.start_soon(self._run_session, session, address)
 

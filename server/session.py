@@ -132,13 +132,22 @@ class Session:
     command. A cancelled session says 421 (timeout, or the reply its stop chose) and ends.
     """
 
-    def __init__(self, sock: socket.socket, ctx: SinkContext, *, tls: bool) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        ctx: SinkContext,
+        *,
+        tls: bool,
+        peer: tuple[str, int] | None = None,
+    ) -> None:
         # A sink only ever sends short replies: a small kernel send buffer is plenty, and it
         # bounds what a client that never reads can make the kernel hold for it (with the
         # core's bound on unsent replies, a few KiB per session instead of megabytes).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         plain = SocketTransport(sock, ctx.hub)
-        self.peer_ip, self.peer_port = plain.peer()
+        # The address accept() gave: getpeername() fails once the peer has reset, as HAProxy's
+        # health checks do right after their PROXY header.
+        self.peer_ip, self.peer_port = peer or plain.peer()
         #: The session's byte stream: the socket, or an SSLStream over it after TLS starts.
         self.stream: trio.abc.Stream = plain
         self.ctx = ctx

@@ -151,6 +151,20 @@ def test_plugin_sink_behind_haproxy_records_the_client(
     assert stats.proxy_refused() == 0
 
 
+@pytest.mark.smtp_sink(proxy_protocol=True)
+def test_haproxy_health_checks_are_accepted(
+    smtp_sink: SinkThread, start_haproxy: StartHAProxy
+) -> None:
+    # check-send-proxy: HAProxy's own checks open with a header too (v2: the LOCAL command).
+    start_haproxy(smtp_sink.port, "send-proxy-v2 check check-send-proxy inter 50ms")
+    stats = smtp_sink.stats
+    deadline = time.monotonic() + WAIT
+    while stats.proxy_accepted < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.proxy_accepted >= 2
+    assert stats.proxy_refused() == 0
+
+
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 def test_sink_command_behind_haproxy(
     tmp_path: Path, start_haproxy: StartHAProxy, send_proxy: str
