@@ -245,6 +245,10 @@ class Session:
             else:
                 await trio.aclose_forcefully(stream)
 
+    #: While the PROXY header is awaited: the connection is not a session yet, so a stop ends
+    #: it at once and without a word (no banner, no 421).
+    _proxy_pending = False
+
     async def _proxy_header(self, policy: ProxyPolicy) -> bool:
         """Read the PROXY header before anything else; False if the connection is refused.
 
@@ -253,9 +257,14 @@ class Session:
         protocol answers after its banner (queued when it was made).
         """
         peer = (self.peer_ip, self.peer_port)
-        header = await receive_proxy_header(self._plain, policy, self.ctx.stats, peer)
+        self._proxy_pending = self._waiting_for_input = True
+        try:
+            header = await receive_proxy_header(self._plain, policy, self.ctx.stats, peer)
+        finally:
+            self._waiting_for_input = False
         if header is None:
             return False
+        self._proxy_pending = False
         if header.client is not None:
             self.peer_ip, self.peer_port = header.client
             self.protocol.peer_ip = self.peer_ip
@@ -451,7 +460,7 @@ class Session:
     async def _goodbye(self) -> None:
         """Send what is pending and a last 421, shielded and bounded, if the connection
         still works (a message stored during a shutdown thus still gets its 250)."""
-        data = self.protocol.goodbye()
+        data = b"" if self._proxy_pending else self.protocol.goodbye()
         if not data:
             return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TLSFiles
 
 from mailstorm.errors import ConfigError
@@ -160,6 +161,22 @@ async def test_untrusted_sources_are_closed_without_reading(
         await client.aclose()
     assert server.stats.proxy_refused_untrusted == 1
     assert server.stats.proxy_accepted == 0
+
+
+async def test_a_stop_drops_connections_still_waiting_for_their_header(
+    start_sink: SinkFactory, tmp_path: Path
+) -> None:
+    # Not a session yet: no banner, no 421, and no waiting for --proxy-timeout.
+    server = await proxy_sink(start_sink, tmp_path, proxy_timeout=3600)
+    client = await SMTPClient.connect(server.addresses[0])
+    try:
+        await client.send(V1_CLIENT[:10])
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown()
+        assert await everything_until_closed(client) == b""
+    finally:
+        await client.aclose()
+    assert server.stats.proxy_refused() == 0
 
 
 class PrefixedFirstSend(trio.abc.Stream):
