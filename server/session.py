@@ -21,6 +21,9 @@ message content it does not count against ``min_data_rate``; a graceful stop end
 outside a transaction (a tarpit does not hold a shutdown). Only the task carries out a delay:
 the inline handler hands it back without sending the delayed answer.
 
+PROXY protocol (``--proxy-protocol``): ``run`` first reads the header in the task, before the
+banner and before any inline handling (``proxy.py``); the client it names is the session's peer.
+
 Resource handling: the connection is closed when ``run`` returns, whatever happened. Error
 handling: a peer that vanishes, resets, or fails the TLS handshake ends the session quietly
 (counted, not raised); a store failure becomes a 451 and the session goes on.

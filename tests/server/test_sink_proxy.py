@@ -4,8 +4,16 @@ the connection closed without a banner, and are counted by reason."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +271,44 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         sink_main(["--proxy-protocol", "--proxy-timeout", "0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+def test_workers_sum_the_proxy_counters(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        sink = subprocess.Popen(
+            [
+                sys.executable, "-m", "mailstorm", "sink", "--workers", "2",
+                "--listen", "127.0.0.1:0", "--stats-interval", "0.2",
+                "--proxy-protocol", "--proxy-from", "10.0.0.0/8",
+            ],
+            stderr=stderr,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        port = int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        wait_for_line(log, r"2 workers serving")
+        for _ in range(3):  # 127.0.0.1 is not in 10.0.0.0/8: each is dropped unread
+            with socket.create_connection(("127.0.0.1", port), timeout=TEST_TIMEOUT) as sock:
+                sock.sendall(V1_CLIENT)
+                # Closed with the header unread: a reset, which is as closed.
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(100) == b""
+        wait_for_line(log, r"PROXY refused 3\b")
+        sink.send_signal(signal.SIGTERM)
+        assert sink.wait(timeout=TEST_TIMEOUT) == 0
+    finally:
+        if sink.poll() is None:
+            os.killpg(sink.pid, signal.SIGKILL)
+            sink.wait()
+
+
+def wait_for_line(path: Path, pattern: str) -> re.Match[str]:
+    deadline = time.monotonic() + TEST_TIMEOUT
+    while True:
+        found = re.search(pattern, path.read_text())
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
+        time.sleep(0.05)
