@@ -98,6 +98,30 @@ async def test_the_headers_client_is_recorded(
     assert server.stats.proxy_refused() == 0
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1)")
+async def test_ipv6_loopback_proxy_is_trusted_by_default(
+    start_sink: SinkFactory, tmp_path: Path
+) -> None:
+    server = await proxy_sink(start_sink, tmp_path, listen=(Address("::1", 0),))
+    client = await SMTPClient.connect(server.addresses[0])
+    try:
+        await client.send(V1_CLIENT)
+        await transaction(client)
+    finally:
+        await client.aclose()
+    [record] = read_maildir(tmp_path)
+    assert record.client_address == "192.0.2.7"
+
+
 async def test_header_and_first_command_in_one_write(
     start_sink: SinkFactory, tmp_path: Path
 ) -> None:
