@@ -41,6 +41,7 @@ from .admission import AcceptErrorEpisode, AddressSlots
 from .authlimit import AuthFailureLimiter
 from .config import Address, SinkConfig
 from .credentials import CredentialStore
+from .proxy import proxy_policy
 from .session import IdleReaper, Session, SinkContext
 from .stats import SinkStats
 from .stores import Store, open_store
@@ -117,6 +118,7 @@ class SinkServer:
             max_session_time=config.max_session_time,
             auth_limiter=AuthFailureLimiter(config.max_auth_failures),
             throttle=config.throttle,
+            proxy=proxy_policy(config.proxy_protocol, config.proxy_from, config.proxy_timeout),
         )
         if config.tls_listen and ssl_context is None:
             raise ConfigError("--tls-listen needs --tls-cert and --tls-key")
@@ -292,7 +294,7 @@ class SinkServer:
                     self.stats.sessions_refused_per_ip += 1
                     sessions.start_soon(self._refuse, SocketTransport(sock))
                     continue
-                session = Session(sock, self._ctx, tls=implicit_tls)
+                session = Session(sock, self._ctx, tls=implicit_tls, peer=(address, peer[1]))
                 self._sessions.add(session)
                 sessions.start_soon(self._run_session, session, address)
 

@@ -44,6 +44,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .proxy import add_proxy_arguments
 from .workers import WorkerSupervisor, reserve_ports
 
 __all__ = ["build_parser", "main"]
@@ -286,6 +287,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     )
 
     add_metrics_arguments(p, "sink")
+    add_proxy_arguments(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -364,6 +366,9 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         magic_addresses=args.magic_addresses,
         fault_seed=args.fault_seed,
         metrics_listen=args.metrics_listen,
+        proxy_protocol=args.proxy_protocol,
+        proxy_from=tuple(map(str, args.proxy_from)),
+        proxy_timeout=args.proxy_timeout,
     )
 
 

@@ -133,6 +133,12 @@ class SinkConfig:
     # ---- Prometheus metrics (issue 12) ----
     #: Serve ``/metrics`` here (None: no metrics endpoint). ``--workers``: the supervisor's.
     metrics_listen: MetricsAddress | None = None
+    # ---- PROXY protocol (``server/proxy.py``): every connection opens with a PROXY header ----
+    proxy_protocol: bool = False
+    #: CIDR blocks allowed to send it (empty: ``proxy.DEFAULT_PROXY_FROM``, loopback).
+    proxy_from: tuple[str, ...] = ()
+    #: Seconds the header may take to arrive (``proxy.DEFAULT_PROXY_TIMEOUT``).
+    proxy_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

@@ -21,6 +21,9 @@ message content it does not count against ``min_data_rate``; a graceful stop end
 outside a transaction (a tarpit does not hold a shutdown). Only the task carries out a delay:
 the inline handler hands it back without sending the delayed answer.
 
+PROXY protocol (``--proxy-protocol``): ``run`` first reads the header in the task, before the
+banner and before any inline handling (``proxy.py``); the client it names is the session's peer.
+
 Resource handling: the connection is closed when ``run`` returns, whatever happened. Error
 handling: a peer that vanishes, resets, or fails the TLS handshake ends the session quietly
 (counted, not raised); a store failure becomes a 451 and the session goes on.
@@ -49,6 +52,7 @@ from mailstorm.wire.server import SessionPolicy
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
 from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
+from .proxy import ProxyPolicy, ReplayStream, receive_proxy_header
 from .stats import SinkStats
 from .stores import Store, StoreError
 
@@ -93,6 +97,8 @@ class SinkContext:
     hub: ReadinessHub | None = None
     #: Octets per second each session reads at most (0: no throttle; ``--throttle``).
     throttle: int = 0
+    #: Every connection opens with a PROXY header (None: no PROXY protocol; ``proxy.py``).
+    proxy: ProxyPolicy | None = None
 
 
 class IdleReaper:
@@ -130,13 +136,22 @@ class Session:
     command. A cancelled session says 421 (timeout, or the reply its stop chose) and ends.
     """
 
-    def __init__(self, sock: socket.socket, ctx: SinkContext, *, tls: bool) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        ctx: SinkContext,
+        *,
+        tls: bool,
+        peer: tuple[str, int] | None = None,
+    ) -> None:
         # A sink only ever sends short replies: a small kernel send buffer is plenty, and it
         # bounds what a client that never reads can make the kernel hold for it (with the
         # core's bound on unsent replies, a few KiB per session instead of megabytes).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         plain = SocketTransport(sock, ctx.hub)
-        self.peer_ip, self.peer_port = plain.peer()
+        # The address accept() gave: getpeername() fails once the peer has reset, as HAProxy's
+        # health checks do right after their PROXY header.
+        self.peer_ip, self.peer_port = peer or plain.peer()
         #: The session's byte stream: the socket, or an SSLStream over it after TLS starts.
         self.stream: trio.abc.Stream = plain
         self.ctx = ctx
@@ -212,6 +227,8 @@ class Session:
         stats.sessions_active += 1
         try:
             with self._scope:
+                if ctx.proxy is not None and not await self._proxy_header(ctx.proxy):
+                    return
                 now = trio.current_time()
                 self.idle_deadline = now + ctx.command_timeout
                 if ctx.max_session_time > 0:
@@ -231,6 +248,36 @@ class Session:
                 stream.close()  # plain TCP: nothing to say goodbye with, no need to wait
             else:
                 await trio.aclose_forcefully(stream)
+
+    #: While the PROXY header is awaited: the connection is not a session yet, so a stop ends
+    #: it at once and without a word (no banner, no 421).
+    _proxy_pending = False
+
+    async def _proxy_header(self, policy: ProxyPolicy) -> bool:
+        """Read the PROXY header before anything else; False if the connection is refused.
+
+        The client it names becomes the session's peer. What followed it in the same read is
+        the client's: the TLS layer's (implicit TLS), or pipelined SMTP input, which the
+        protocol answers after its banner (queued when it was made).
+        """
+        peer = (self.peer_ip, self.peer_port)
+        self._proxy_pending = self._waiting_for_input = True
+        try:
+            header = await receive_proxy_header(self._plain, policy, self.ctx.stats, peer)
+        finally:
+            self._waiting_for_input = False
+        if header is None:
+            return False
+        self._proxy_pending = False
+        if header.client is not None:
+            self.peer_ip, self.peer_port = header.client
+            self.protocol.peer_ip = self.peer_ip
+        if header.following:
+            if self.implicit_tls:
+                self.stream = ReplayStream(self._plain, header.following)
+            else:
+                self.protocol.receive(header.following)
+        return True
 
     async def _loop(self) -> None:
         """Carry out the protocol's actions until one of them ends the session."""
@@ -420,7 +467,7 @@ class Session:
     async def _goodbye(self) -> None:
         """Send what is pending and a last 421, shielded and bounded, if the connection
         still works (a message stored during a shutdown thus still gets its 250)."""
-        data = self.protocol.goodbye()
+        data = b"" if self._proxy_pending else self.protocol.goodbye()
         if not data:
             return
         with trio.move_on_after(GOODBYE_TIMEOUT) as scope:

@@ -83,6 +83,13 @@ class SinkStats:
     #: (not cumulative; the last is +Inf), and the sum of the seconds.
     store_buckets: list[int] = field(default_factory=lambda: [0] * (len(STORE_BUCKETS) + 1))
     store_seconds: float = 0.0
+    # ---- PROXY protocol (--proxy-protocol): headers accepted, connections dropped by why ----
+    proxy_accepted: int = 0
+    proxy_refused_untrusted: int = 0
+    proxy_refused_malformed: int = 0
+    proxy_refused_truncated: int = 0
+    proxy_refused_oversize: int = 0
+    proxy_refused_timeout: int = 0
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)
@@ -150,6 +157,17 @@ class SinkStats:
             + (f", refused {self.messages_refused}" if self.messages_refused else "")
             + (f", storage failures {self.storage_failures}" if self.storage_failures else "")
             + (f", faults {self.faults_line()}" if self.fault_counts else "")
+            + (f", PROXY refused {self.proxy_refused()}" if self.proxy_refused() else "")
+        )
+
+    def proxy_refused(self) -> int:
+        """Connections dropped for their PROXY header (or its absence), whatever the reason."""
+        return (
+            self.proxy_refused_untrusted
+            + self.proxy_refused_malformed
+            + self.proxy_refused_truncated
+            + self.proxy_refused_oversize
+            + self.proxy_refused_timeout
         )
 
     def faults_line(self) -> str:

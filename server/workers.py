@@ -65,6 +65,12 @@ _SUMMED = (
     "faults_replied",
     "faults_delayed",
     "faults_dropped",
+    "proxy_accepted",
+    "proxy_refused_untrusted",
+    "proxy_refused_malformed",
+    "proxy_refused_truncated",
+    "proxy_refused_oversize",
+    "proxy_refused_timeout",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)
@@ -159,12 +165,14 @@ class WorkerSupervisor:
             for name, n in sorted(t.items())
             if name.startswith(FAULT_KEY_PREFIX)
         )
+        proxy_refused = sum(n for name, n in t.items() if name.startswith("proxy_refused_"))
         return (
             f"{self.count} workers: sessions {int(t['sessions_active'])} active / "
             f"{int(t['sessions_total'])} total, messages {int(t['messages'])}, "
             f"bytes {int(t['bytes'])}"
             + (f", worker restarts {self.restarts}" if self.restarts else "")
             + (f", faults {faults}" if faults else "")
+            + (f", PROXY refused {int(proxy_refused)}" if proxy_refused else "")
         )
 
     # ---- running ---------------------------------------------------------------------------

@@ -114,30 +114,33 @@ def test_defaults_round_trip(command: str, tmp_path: Path) -> None:
 
 
 def test_options_added_later_work_without_changes(tmp_path: Path) -> None:
-    """Other kinds of options, as other features add them, are keys and round trip."""
+    """Other kinds of options, as other features add them, are keys and round trip (the
+    names are made up, so that they never clash with real options)."""
 
     def build() -> argparse.ArgumentParser:
         parser = sink_cli.build_parser("mailstorm sink")
         extra = parser.add_argument_group("added later")
-        extra.add_argument("--metrics-listen", type=value_type(parse_address), metavar="ADDR")
-        extra.add_argument("--log-level", choices=("debug", "info"), default="info")
-        extra.add_argument("--proxy-protocol", action=argparse.BooleanOptionalAction)
-        extra.add_argument("--proxy-from", action="append", default=[], metavar="NET")
+        extra.add_argument("--example-listen", type=value_type(parse_address), metavar="ADDR")
+        extra.add_argument("--example-level", choices=("debug", "info"), default="info")
+        extra.add_argument("--example-toggle", action=argparse.BooleanOptionalAction)
+        extra.add_argument("--example-from", action="append", default=[], metavar="NET")
         return parser
 
-    argv = ["--metrics-listen", "[::1]:9100", "--log-level", "debug", "--no-proxy-protocol",
-            "--proxy-from", "10.0.0.0/8"]
+    argv = ["--example-listen", "[::1]:9100", "--example-level", "debug", "--no-example-toggle",
+            "--example-from", "10.0.0.0/8"]
     args = _parse(build, argv)
     text = configfile.render_config(build(), args)
     assert "\n# == added later ==\n" in text
-    for line in ('metrics-listen = "[::1]:9100"', 'log-level = "debug"', "proxy-protocol = false"):
+    expected = ('example-listen = "[::1]:9100"', 'example-level = "debug"',
+                "example-toggle = false")
+    for line in expected:
         assert f"\n{line}\n" in text
     saved = tmp_path / "later.toml"
     saved.write_text(text)
     assert _options(_parse(build, ["--config", str(saved)])) == _options(args)
     # and the workers of a supervisor get them too
-    assert "--no-proxy-protocol" in configfile.effective_argv(build(), args)
-    saved.write_text('proxy-from = "127.0.0.1"\nlog-level = "trace"\n')
+    assert "--no-example-toggle" in configfile.effective_argv(build(), args)
+    saved.write_text('example-from = "127.0.0.1"\nexample-level = "trace"\n')
     with pytest.raises(SystemExit):
         _parse(build, ["--config", str(saved)])
 
