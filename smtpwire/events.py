@@ -51,7 +51,10 @@ class Envelope:
         """The RFC 3848 / RFC 6531 "with" keyword for a Received header."""
         if self.greeting == "SMTP":
             return "SMTP"
-        base = "UTF8SMTP" if self.smtputf8 else self.greeting
+        if self.smtputf8:
+            base = "UTF8LMTP" if self.greeting == "LMTP" else "UTF8SMTP"
+        else:
+            base = self.greeting
         return base + ("S" if self.tls else "") + ("A" if self.auth_user else "")
 
 
@@ -109,7 +112,8 @@ class MessageRefused(Event):
     the event is there so the driver can count refusals (only the core sees them)."""
 
     envelope: Envelope
-    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values).
+    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values), or, in LMTP, "refused
+    #: for every recipient" (an injected fault refused each of them at the end of data).
     reason: str
 
 
@@ -154,6 +158,9 @@ class FaultReplied(Event):
     code: int
     #: The rule or magic address that chose it, for the log.
     why: str
+    #: LMTP's end of data: the one recipient it refused (the message may be stored for the
+    #: others). None when it answers a whole command or message.
+    recipient: str | None = None
 
 
 @dataclass(slots=True)
