@@ -102,6 +102,7 @@ class SinkServer:
             insecure_auth=config.insecure_auth,
             bare_linefeed=config.bare_linefeed,
             faults=self.fault_plan,
+            lmtp=config.lmtp,
         )
         self._ctx = SinkContext(
             policy=self.policy,

@@ -42,6 +42,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .lmtp_options import add_lmtp_options
 from .workers import WorkerSupervisor, reserve_ports
 
 __all__ = ["build_parser", "main"]
@@ -283,6 +284,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "every worker gets the same seed)",
     )
 
+    add_lmtp_options(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -359,6 +361,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         throttle=args.throttle,
         magic_addresses=args.magic_addresses,
         fault_seed=args.fault_seed,
+        lmtp=args.lmtp,
     )
 
 

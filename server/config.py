@@ -129,6 +129,9 @@ class SinkConfig:
     magic_addresses: bool = False
     #: Seed of the random source behind ``N%`` triggers (None: unpredictable).
     fault_seed: int | None = None
+    # ---- LMTP (RFC 2033) ---------------------------------------------------------------------
+    #: Speak LMTP instead of SMTP: LHLO, and one reply per recipient at the end of data.
+    lmtp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

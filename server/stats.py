@@ -39,6 +39,12 @@ class SinkStats:
     faults_dropped: int = 0
     #: The same, by point and kind: "RCPT 450", "EOD drop", "BANNER delay".
     fault_counts: dict[str, int] = field(default_factory=dict)
+    # ---- LMTP (--lmtp): the end of data is answered per recipient ----------------------------
+    #: Recipients answered 250 at the end of data (the message stored for them).
+    lmtp_recipients_delivered: int = 0
+    #: Recipients answered a failure at the end of data: an injected EOD fault for that
+    #: recipient, a storage failure (451), or a message refused by policy (size, bare LF).
+    lmtp_recipients_refused: int = 0
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)

@@ -62,6 +62,8 @@ _SUMMED = (
     "faults_replied",
     "faults_delayed",
     "faults_dropped",
+    "lmtp_recipients_delivered",
+    "lmtp_recipients_refused",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)
