@@ -88,7 +88,15 @@ class SinkStats:
             + (f", refused {self.messages_refused}" if self.messages_refused else "")
             + (f", storage failures {self.storage_failures}" if self.storage_failures else "")
             + (f", faults {self.faults_line()}" if self.fault_counts else "")
+            + self._lmtp_line()
         )
+
+    def _lmtp_line(self) -> str:
+        """LMTP's recipients at the end of data, once there are any."""
+        delivered, refused = self.lmtp_recipients_delivered, self.lmtp_recipients_refused
+        if not (delivered or refused):
+            return ""
+        return f", LMTP recipients {delivered} delivered / {refused} refused"
 
     def faults_line(self) -> str:
         """The injected faults by point and kind: "EOD 452 x20, RCPT delay x3"."""
