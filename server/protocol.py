@@ -203,8 +203,10 @@ class SinkProtocol:
                 return Action.CLOSE
             elif kind is FaultReplied:
                 assert isinstance(event, FaultReplied)
-                self._count_fault(event.point, str(event.code), event.why)
-                if event.recipient is not None:
+                recipient = event.recipient
+                detail = "" if recipient is None else f" to <{recipient}>"
+                self._count_fault(event.point, str(event.code), event.why, detail)
+                if recipient is not None:
                     # LMTP: one recipient refused; the message may be stored for the others.
                     self.stats.lmtp_recipients_refused += 1
                 elif event.point == "EOD":
