@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import smtplib
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,25 @@ def test_a_bad_lmtp_option_is_one_line_and_status_2(argv: list[str]) -> None:
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_client_that_never_reads_its_replies_is_timed_out(tmp_path: Path) -> None:
+    """After a store, a thousand replies are more than the socket buffers hold: a client that
+    does not read them is ended by the command timeout, not waited for forever."""
+    rcpts = "".join(f"RCPT TO:<user{i}@x.test>\r\n" for i in range(1000))
+    with SinkThread(
+        lmtp=True, store=f"maildir:{tmp_path / 'mail'}", command_timeout=1.0
+    ) as sink, socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        client.settimeout(TEST_TIMEOUT)
+        client.connect(sink.address)
+        client.sendall(f"LHLO c.test\r\nMAIL FROM:<s@example.com>\r\n{rcpts}DATA\r\n".encode())
+        received = b""
+        while b"\r\n354 " not in received:
+            received += client.recv(65536)
+        client.sendall(b"Subject: x\r\n\r\nx\r\n.\r\n")  # then never read again
+        sink.wait_for(1, timeout=TEST_TIMEOUT)
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while sink.stats.sessions_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.stats.sessions_active == 0
