@@ -296,12 +296,16 @@ class ServerConnection:
         else:
             self._handlers = _HANDLERS if plan is None else _FAULTY_HANDLERS
             self._sequence = _OUT_OF_SEQUENCE
-        # LMTP's end of data: the message's recipients in RCPT order, the replies injected
-        # for some of them (by index), the replies being queued and how many are, and whether
-        # the session ends after them (an injected 421).
+        # LMTP's end of data: the stored message's recipients in RCPT order and the replies
+        # injected for some of them (by index), until the store answers; then the recipients
+        # being answered, their injected replies, the reply for the others, how many are
+        # queued, and whether the session ends after them (an injected 421). Each reply is
+        # built as it is queued: a thousand recipients never mean a thousand replies held.
         self._lmtp_rcpts: list[str] = []
         self._lmtp_refused: dict[int, Reply] = {}
-        self._lmtp_queue: list[Reply] = []
+        self._lmtp_queue: list[str] = []
+        self._lmtp_answers: dict[int, Reply] = {}
+        self._lmtp_default: Reply | None = None
         self._lmtp_sent = 0
         self._lmtp_close = False
         self._held: list[Event] = []
@@ -590,7 +594,7 @@ class ServerConnection:
                 if failure is DataFailure.BARE_LINEFEED
                 else R.size_exceeded(self.policy.max_size)
             )
-            self._lmtp_start([_for_recipient(reply, rcpt) for rcpt in rcpts])
+            self._lmtp_start(rcpts, {}, reply)
             return MessageRefused(envelope, failure.value)
         assert content is not None
         refused: dict[int, Reply] = {}
@@ -613,9 +617,7 @@ class ServerConnection:
                 if verdict.delay and delay is None:
                     delay = Delay("EOD", verdict.delay, verdict.why)
         if len(refused) == len(rcpts):
-            self._lmtp_start(
-                [_for_recipient(refused[i], rcpt) for i, rcpt in enumerate(rcpts)]
-            )
+            self._lmtp_start(rcpts, refused, None)
             events.append(MessageRefused(envelope, "refused for every recipient"))
             if delay is not None:
                 events.insert(0, delay)  # held events come out before any reply is queued
@@ -650,30 +652,37 @@ class ServerConnection:
         rcpts, refused = self._lmtp_rcpts, self._lmtp_refused
         self._lmtp_rcpts = []
         self._lmtp_refused = {}
-        self._lmtp_start(
-            [_for_recipient(refused.get(i, reply), rcpt) for i, rcpt in enumerate(rcpts)]
-        )
+        self._lmtp_start(rcpts, refused, reply)
         if self._delay_after_answer is not None:
             delay, self._delay_after_answer = self._delay_after_answer, None
             self._hold(delay)
 
-    def _lmtp_start(self, replies: list[Reply]) -> None:
-        """Queue ``replies`` one per reader step (``Mode.LMTP_REPLIES``): the output bound is
-        checked between them, so a thousand recipients never pile up a thousand replies."""
-        self._lmtp_queue = replies
+    def _lmtp_start(
+        self, rcpts: list[str], answers: dict[int, Reply], default: Reply | None
+    ) -> None:
+        """Answer ``rcpts``, in order, with ``answers`` by index and ``default`` for the others,
+        one reply per reader step (``Mode.LMTP_REPLIES``): the output bound is checked between
+        them, so a thousand recipients never pile up a thousand unsent replies."""
+        self._lmtp_queue = rcpts
+        self._lmtp_answers = answers
+        self._lmtp_default = default
         self._lmtp_sent = 0
         self.mode = Mode.LMTP_REPLIES
 
     def _read_lmtp_replies(self) -> Event | None:
-        queue = self._lmtp_queue
+        rcpts = self._lmtp_queue
         sent = self._lmtp_sent
-        if sent < len(queue):
-            self._reply(queue[sent])
+        if sent < len(rcpts):
+            reply = self._lmtp_answers.get(sent) or self._lmtp_default
+            assert reply is not None
+            self._reply(_for_recipient(reply, rcpts[sent]))
             sent += 1
             self._lmtp_sent = sent
-            if sent < len(queue):
+            if sent < len(rcpts):
                 return None
         self._lmtp_queue = []
+        self._lmtp_answers = {}
+        self._lmtp_default = None
         self.mode = Mode.COMMAND
         if self._lmtp_close:
             self._lmtp_close = False

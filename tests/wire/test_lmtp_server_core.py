@@ -23,6 +23,7 @@ from mailstorm.wire.events import (
     MessageRefused,
     NeedData,
     OutputFull,
+    StartTLS,
 )
 from mailstorm.wire.faults import FaultPlan
 from mailstorm.wire.replies import ReplyParser
@@ -75,6 +76,8 @@ class LMTPDriver:
                 else:
                     self.stored.append(event)
                     self.conn.message_stored(f"Q{len(self.stored)}")
+            elif isinstance(event, StartTLS):
+                self.conn.tls_started()  # the handshake, as the shell would do it
             elif isinstance(event, Closed):
                 self.closed = True
                 break
@@ -351,3 +354,20 @@ def test_the_received_with_keyword_is_lmtp(
 ) -> None:
     envelope = Envelope(greeting="LMTP", tls=tls, auth_user=auth_user, smtputf8=smtputf8)
     assert envelope.protocol == keyword
+
+
+def test_starttls_starts_over_at_lhlo() -> None:
+    d = LMTPDriver(policy(tls_available=True))
+    assert "STARTTLS" in d.feed(HELLO)[0].split("|")
+    assert d.feed("STARTTLS\r\n") == ["220 2.0.0 Ready to start TLS"]
+    assert d.feed(ENVELOPE) == ["503 5.5.1 Error: send LHLO first"]
+    assert "STARTTLS" not in d.feed(HELLO)[0].split("|")
+    d.feed(transaction("a@x.test"))
+    assert d.stored[0].envelope.protocol == "LMTPS"
+
+
+def test_lhlo_is_a_fault_point() -> None:
+    d = LMTPDriver(policy(faults=["LHLO:421"]))
+    (reply,) = d.feed(HELLO)
+    assert reply.startswith("421 4.3.0 ")
+    assert d.closed
