@@ -375,7 +375,7 @@ async def _run(server: SinkServer) -> None:
             log.log(
                 logging.DEBUG if server.config.report_interval > 0 else logging.INFO,
                 "%s",
-                listening_line(names, tls_names, server.store.describe()),
+                listening_line(names, tls_names, server.store.describe(), lmtp=server.config.lmtp),
             )
             level = logging.DEBUG if server.config.report_interval > 0 else logging.INFO
             seen = 0
@@ -443,9 +443,10 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     return 0
 
 
-def listening_line(names: str, tls_names: str, store: str) -> str:
-    """The start-up line: where the sink listens, and where mail goes."""
-    return f"mailstorm sink listening on {names or '-'}" + (
+def listening_line(names: str, tls_names: str, store: str, *, lmtp: bool = False) -> str:
+    """The start-up line: where the sink listens (saying so when it speaks LMTP, not SMTP),
+    and where mail goes."""
+    return f"mailstorm sink{' (LMTP)' if lmtp else ''} listening on {names or '-'}" + (
         f" (TLS: {tls_names})" if tls_names else ""
     ) + f"; store {store}"
 
@@ -467,7 +468,7 @@ def _supervise(
         return 1
     worker_args = _worker_args(argv, listen, tls_listen)
     banner = listening_line(
-        ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store
+        ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store, lmtp=config.lmtp
     )
     supervisor = WorkerSupervisor(
         worker_args, args.workers, stats_interval=args.stats_interval, banner=banner

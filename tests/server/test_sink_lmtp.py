@@ -9,7 +9,9 @@ the others with ``getreply()``, as an LMTP client must.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -159,3 +161,40 @@ def test_a_client_that_never_reads_its_replies_is_timed_out(tmp_path: Path) -> N
         while sink.stats.sessions_active and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sink.stats.sessions_active == 0
+
+
+@pytest.mark.smtp_sink(lmtp=True)
+def test_the_pytest_fixture_speaks_lmtp(smtp_sink: SinkThread) -> None:
+    with smtplib.LMTP(smtp_sink.host, smtp_sink.port, timeout=TEST_TIMEOUT) as client:
+        client.ehlo("client.test")
+        replies = lmtp_send(client, "s@example.com", ["a@x.test", "b@x.test"])
+    assert [code for code, _ in replies.values()] == [250, 250]
+    (record,) = smtp_sink.wait_for(1, timeout=TEST_TIMEOUT)
+    assert record.rcpt_tos == ["a@x.test", "b@x.test"]
+
+
+def test_the_workers_speak_lmtp_and_say_so(tmp_path: Path) -> None:
+    """--lmtp passes through the supervisor to every worker; the start-up line says LMTP."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "mailstorm.sink", "--lmtp", "--workers", "2",
+             "--listen", "127.0.0.1:0"],
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while (m := re.search(r"sink \(LMTP\) listening on 127\.0\.0\.1:(\d+)",
+                              log.read_text())) is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        for _ in range(4):  # connections land on either worker
+            with smtplib.LMTP("127.0.0.1", int(m.group(1)), timeout=TEST_TIMEOUT) as client:
+                assert client.helo("client.test")[0] == 500
+                assert client.ehlo("client.test")[0] == 250
+                replies = lmtp_send(client, "s@example.com", ["a@x.test", "b@x.test"])
+                assert [code for code, _ in replies.values()] == [250, 250]
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(TEST_TIMEOUT)
+    assert sink.returncode == 0
