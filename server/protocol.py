@@ -31,6 +31,7 @@ from typing import Any
 
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.events import (
+    REFUSED_FOR_EVERY_RECIPIENT,
     AuthAttempt,
     Closed,
     Delay,
@@ -319,7 +320,7 @@ class SinkProtocol:
         """A message refused at its end of data (by policy, or in LMTP by faults for each of
         its recipients, who are counted with their ``FaultReplied``)."""
         self.stats.messages_refused += 1
-        if self.lmtp and event.reason != "refused for every recipient":
+        if self.lmtp and event.reason != REFUSED_FOR_EVERY_RECIPIENT:
             self.stats.lmtp_recipients_refused += len(event.envelope.rcpt_tos)
 
     def _count_delivery(self, delivery: Delivery) -> None:

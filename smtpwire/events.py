@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "REFUSED_FOR_EVERY_RECIPIENT",
     "AuthAttempt",
     "Closed",
     "Delay",
@@ -23,6 +24,10 @@ __all__ = [
     "OutputFull",
     "StartTLS",
 ]
+
+#: ``MessageRefused.reason`` in LMTP when injected faults refused each recipient at the end of
+#: data (each is also a ``FaultReplied`` naming its recipient).
+REFUSED_FOR_EVERY_RECIPIENT = "refused for every recipient"
 
 
 @dataclass(slots=True)
@@ -112,8 +117,8 @@ class MessageRefused(Event):
     the event is there so the driver can count refusals (only the core sees them)."""
 
     envelope: Envelope
-    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values), or, in LMTP, "refused
-    #: for every recipient" (an injected fault refused each of them at the end of data).
+    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values), or, in LMTP,
+    #: ``REFUSED_FOR_EVERY_RECIPIENT``.
     reason: str
 
 

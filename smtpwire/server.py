@@ -58,6 +58,7 @@ from functools import cache
 from . import reply_table as R
 from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
 from .events import (
+    REFUSED_FOR_EVERY_RECIPIENT,
     AuthAttempt,
     Closed,
     Delay,
@@ -618,7 +619,7 @@ class ServerConnection:
                     delay = Delay("EOD", verdict.delay, verdict.why)
         if len(refused) == len(rcpts):
             self._lmtp_start(rcpts, refused, None)
-            events.append(MessageRefused(envelope, "refused for every recipient"))
+            events.append(MessageRefused(envelope, REFUSED_FOR_EVERY_RECIPIENT))
             if delay is not None:
                 events.insert(0, delay)  # held events come out before any reply is queued
             return self._emit(events)

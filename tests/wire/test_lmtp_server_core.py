@@ -13,6 +13,7 @@ import random
 import pytest
 
 from mailstorm.wire.events import (
+    REFUSED_FOR_EVERY_RECIPIENT,
     Closed,
     Delay,
     Dropped,
@@ -244,7 +245,7 @@ def test_a_fault_for_every_recipient_stores_nothing() -> None:
     ]
     assert d.stored == []
     (refused,) = d.of(MessageRefused)
-    assert refused.reason == "refused for every recipient"  # type: ignore[attr-defined]
+    assert refused.reason == REFUSED_FOR_EVERY_RECIPIENT  # type: ignore[attr-defined]
 
 
 def test_every_n_counts_recipients_in_lmtp() -> None:
