@@ -50,10 +50,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum, auto
 from functools import cache
+from types import MappingProxyType
 
 from . import reply_table as R
 from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
@@ -249,10 +250,26 @@ _HELP_REPLIES = {verb: Reply(214, "2.0.0", text) for verb, text in _HELP_TOPICS.
 _HELP_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
 
 _AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+#: LMTP: no reply injected for any recipient (immutable, so it can be a shared default).
+_NO_ANSWERS: Mapping[int, Reply] = MappingProxyType({})
 
 
 class ServerConnection:
     """One SMTP session, server side. See the module docstring for the theory of operation."""
+
+    # LMTP's end of data: the stored message's recipients in RCPT order and the replies
+    # injected for some of them (by index), until the store answers; then the recipients
+    # being answered, their injected replies, the reply for the others, how many are queued,
+    # and whether the session ends after them (an injected 421). Each reply is built as it is
+    # queued: a thousand recipients never mean a thousand replies held. Immutable class
+    # defaults, only ever replaced, never changed in place: an SMTP session carries none.
+    _lmtp_rcpts: Sequence[str] = ()
+    _lmtp_refused: Mapping[int, Reply] = _NO_ANSWERS
+    _lmtp_queue: Sequence[str] = ()
+    _lmtp_answers: Mapping[int, Reply] = _NO_ANSWERS
+    _lmtp_default: Reply | None = None
+    _lmtp_sent = 0
+    _lmtp_close = False
 
     def __init__(self, policy: SessionPolicy, *, tls_active: bool = False) -> None:
         self.policy = policy
@@ -297,18 +314,6 @@ class ServerConnection:
         else:
             self._handlers = _HANDLERS if plan is None else _FAULTY_HANDLERS
             self._sequence = _OUT_OF_SEQUENCE
-        # LMTP's end of data: the stored message's recipients in RCPT order and the replies
-        # injected for some of them (by index), until the store answers; then the recipients
-        # being answered, their injected replies, the reply for the others, how many are
-        # queued, and whether the session ends after them (an injected 421). Each reply is
-        # built as it is queued: a thousand recipients never mean a thousand replies held.
-        self._lmtp_rcpts: list[str] = []
-        self._lmtp_refused: dict[int, Reply] = {}
-        self._lmtp_queue: list[str] = []
-        self._lmtp_answers: dict[int, Reply] = {}
-        self._lmtp_default: Reply | None = None
-        self._lmtp_sent = 0
-        self._lmtp_close = False
         self._held: list[Event] = []
         self._held_mode = Mode.COMMAND
         self._delay_after_answer: Delay | None = None
@@ -651,15 +656,15 @@ class ServerConnection:
             raise RuntimeError("no pending event to answer")
         self._pending = None
         rcpts, refused = self._lmtp_rcpts, self._lmtp_refused
-        self._lmtp_rcpts = []
-        self._lmtp_refused = {}
+        self._lmtp_rcpts = ()
+        self._lmtp_refused = _NO_ANSWERS
         self._lmtp_start(rcpts, refused, reply)
         if self._delay_after_answer is not None:
             delay, self._delay_after_answer = self._delay_after_answer, None
             self._hold(delay)
 
     def _lmtp_start(
-        self, rcpts: list[str], answers: dict[int, Reply], default: Reply | None
+        self, rcpts: Sequence[str], answers: Mapping[int, Reply], default: Reply | None
     ) -> None:
         """Answer ``rcpts``, in order, with ``answers`` by index and ``default`` for the others,
         one reply per reader step (``Mode.LMTP_REPLIES``): the output bound is checked between
@@ -681,8 +686,8 @@ class ServerConnection:
             self._lmtp_sent = sent
             if sent < len(rcpts):
                 return None
-        self._lmtp_queue = []
-        self._lmtp_answers = {}
+        self._lmtp_queue = ()
+        self._lmtp_answers = _NO_ANSWERS
         self._lmtp_default = None
         self.mode = Mode.COMMAND
         if self._lmtp_close:
