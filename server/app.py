@@ -105,6 +105,7 @@ class SinkServer:
             bare_linefeed=config.bare_linefeed,
             faults=self.fault_plan,
             reply_counts=self.stats.reply_counts,
+            lmtp=config.lmtp,
         )
         self._ctx = SinkContext(
             policy=self.policy,

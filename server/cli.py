@@ -44,6 +44,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .lmtp_options import add_lmtp_options
 from .proxy import add_proxy_arguments
 from .workers import WorkerSupervisor, reserve_ports
 
@@ -288,6 +289,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
 
     add_metrics_arguments(p, "sink")
     add_proxy_arguments(p)
+    add_lmtp_options(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -369,6 +371,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         proxy_protocol=args.proxy_protocol,
         proxy_from=tuple(map(str, args.proxy_from)),
         proxy_timeout=args.proxy_timeout,
+        lmtp=args.lmtp,
     )
 
 
@@ -382,7 +385,7 @@ async def _run(server: SinkServer) -> None:
             log.log(
                 logging.DEBUG if server.config.report_interval > 0 else logging.INFO,
                 "%s",
-                listening_line(names, tls_names, server.store.describe()),
+                listening_line(names, tls_names, server.store.describe(), lmtp=server.config.lmtp),
             )
             if server.metrics_address is not None:
                 log.info("metrics at http://%s/metrics", server.metrics_address)
@@ -452,9 +455,10 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     return 0
 
 
-def listening_line(names: str, tls_names: str, store: str) -> str:
-    """The start-up line: where the sink listens, and where mail goes."""
-    return f"mailstorm sink listening on {names or '-'}" + (
+def listening_line(names: str, tls_names: str, store: str, *, lmtp: bool = False) -> str:
+    """The start-up line: where the sink listens (saying so when it speaks LMTP, not SMTP),
+    and where mail goes."""
+    return f"mailstorm sink{' (LMTP)' if lmtp else ''} listening on {names or '-'}" + (
         f" (TLS: {tls_names})" if tls_names else ""
     ) + f"; store {store}"
 
@@ -479,7 +483,7 @@ def _supervise(
         return 1
     worker_args = _worker_args(argv, listen, tls_listen)
     banner = listening_line(
-        ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store
+        ", ".join(map(str, listen)), ", ".join(map(str, tls_listen)), store, lmtp=config.lmtp
     )
     supervisor = WorkerSupervisor(
         worker_args,

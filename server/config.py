@@ -139,6 +139,9 @@ class SinkConfig:
     proxy_from: tuple[str, ...] = ()
     #: Seconds the header may take to arrive (``proxy.DEFAULT_PROXY_TIMEOUT``).
     proxy_timeout: float = 5.0
+    # ---- LMTP (RFC 2033) ---------------------------------------------------------------------
+    #: Speak LMTP instead of SMTP: LHLO, and one reply per recipient at the end of data.
+    lmtp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

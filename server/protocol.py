@@ -31,6 +31,7 @@ from typing import Any
 
 from mailstorm.wire import reply_table as R
 from mailstorm.wire.events import (
+    REFUSED_FOR_EVERY_RECIPIENT,
     AuthAttempt,
     Closed,
     Delay,
@@ -120,6 +121,7 @@ class SinkProtocol:
         "delay",
         "delivery",
         "hostname",
+        "lmtp",
         "peer_ip",
         "receive",
         "stats",
@@ -150,6 +152,8 @@ class SinkProtocol:
         #: Failed AUTH attempts per client address, shared by the server's sessions.
         self.auth_limiter = auth_limiter
         self.hostname = policy.hostname
+        #: LMTP: recipients are counted as they are answered at the end of data.
+        self.lmtp = policy.lmtp
         self.peer_ip = peer_ip
         #: The negotiated TLS version and cipher once a handshake is done (for trace headers).
         self.tls_version: str | None = None
@@ -187,8 +191,7 @@ class SinkProtocol:
                 self._count_delivery(delivery)
             elif kind is MessageRefused:
                 assert isinstance(event, MessageRefused)
-                self.stats.messages_refused += 1
-                self.stats.count_refused(event.reason.replace(" ", "_"))
+                self._count_refused(event)
             elif event is OutputFull:
                 return Action.SEND
             elif kind is AuthAttempt:
@@ -201,8 +204,13 @@ class SinkProtocol:
                 return Action.CLOSE
             elif kind is FaultReplied:
                 assert isinstance(event, FaultReplied)
-                self._count_fault(event.point, str(event.code), event.why)
-                if event.point == "EOD":
+                recipient = event.recipient
+                detail = "" if recipient is None else f" to <{recipient}>"
+                self._count_fault(event.point, str(event.code), event.why, detail)
+                if recipient is not None:
+                    # LMTP: one recipient refused; the message may be stored for the others.
+                    self.stats.lmtp_recipients_refused += 1
+                elif event.point == "EOD":
                     self.stats.messages_refused += 1
                     self.stats.count_refused("fault")
             elif kind is Delay:
@@ -227,11 +235,15 @@ class SinkProtocol:
         self._count_delivery(delivery)
 
     def delivery_failed(self) -> None:
-        """The store failed: nothing was kept, the client is told to try later (451)."""
+        """The store failed: nothing was kept, the client is told to try later (451; in LMTP,
+        a 451 for each recipient the message was to be stored for)."""
+        delivery = self.delivery
         self.delivery = None
         self.stats.storage_failures += 1
         self.stats.messages_refused += 1
         self.stats.count_refused("storage_failure")
+        if self.lmtp and delivery is not None:
+            self.stats.lmtp_recipients_refused += len(delivery.event.envelope.rcpt_tos)
         self.conn.message_failed()
 
     @property
@@ -307,13 +319,29 @@ class SinkProtocol:
         self.stats.count_fault(point, what)
         log.info("injected fault: %s %s%s for %s (%s)", point, what, detail, self.peer_ip, why)
 
+    def _count_refused(self, event: MessageRefused) -> None:
+        """A message refused at its end of data (by policy, or in LMTP by faults for each of
+        its recipients, who are counted with their ``FaultReplied``)."""
+        stats = self.stats
+        stats.messages_refused += 1
+        if event.reason == REFUSED_FOR_EVERY_RECIPIENT:
+            stats.count_refused("fault")
+            return
+        stats.count_refused(event.reason.replace(" ", "_"))
+        if self.lmtp:
+            stats.lmtp_recipients_refused += len(event.envelope.rcpt_tos)
+
     def _count_delivery(self, delivery: Delivery) -> None:
-        """The message is stored (or discarded): count it and queue the 250."""
+        """The message is stored (or discarded): count it and queue the 250 (in LMTP, a 250
+        for each recipient it was stored for)."""
         stats = self.stats
         event = delivery.event
         stats.messages += 1
         stats.bytes += len(event.content)
-        stats.recipients += len(event.envelope.rcpt_tos)
+        recipients = len(event.envelope.rcpt_tos)
+        stats.recipients += recipients
+        if self.lmtp:
+            stats.lmtp_recipients_delivered += recipients
         self.conn.message_stored(delivery.queue_id)
 
 

@@ -356,6 +356,9 @@ class Session:
         else:
             self.ctx.stats.observe_store(time.perf_counter() - started)
             protocol.delivered()
+        # The client's time again: it must read the answer (in LMTP up to a reply per
+        # recipient, more than the socket buffers) or a send could wait forever.
+        self.idle_deadline = trio.current_time() + self.ctx.command_timeout
         return protocol.advance()
 
     async def _check_credentials(self) -> Action:

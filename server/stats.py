@@ -90,6 +90,12 @@ class SinkStats:
     proxy_refused_truncated: int = 0
     proxy_refused_oversize: int = 0
     proxy_refused_timeout: int = 0
+    # ---- LMTP (--lmtp): the end of data is answered per recipient ----------------------------
+    #: Recipients answered 250 at the end of data (the message stored for them).
+    lmtp_recipients_delivered: int = 0
+    #: Recipients answered a failure at the end of data: an injected EOD fault for that
+    #: recipient, a storage failure (451), or a message refused by policy (size, bare LF).
+    lmtp_recipients_refused: int = 0
     started: float = field(default_factory=time.monotonic)
     _last_messages: int = 0
     _last_time: float = field(default_factory=time.monotonic)
@@ -158,6 +164,7 @@ class SinkStats:
             + (f", storage failures {self.storage_failures}" if self.storage_failures else "")
             + (f", faults {self.faults_line()}" if self.fault_counts else "")
             + (f", PROXY refused {self.proxy_refused()}" if self.proxy_refused() else "")
+            + self._lmtp_line()
         )
 
     def proxy_refused(self) -> int:
@@ -169,6 +176,13 @@ class SinkStats:
             + self.proxy_refused_oversize
             + self.proxy_refused_timeout
         )
+
+    def _lmtp_line(self) -> str:
+        """LMTP's recipients at the end of data, once there are any."""
+        delivered, refused = self.lmtp_recipients_delivered, self.lmtp_recipients_refused
+        if not (delivered or refused):
+            return ""
+        return f", LMTP recipients {delivered} delivered / {refused} refused"
 
     def faults_line(self) -> str:
         """The injected faults by point and kind: "EOD 452 x20, RCPT delay x3"."""

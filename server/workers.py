@@ -71,6 +71,8 @@ _SUMMED = (
     "proxy_refused_truncated",
     "proxy_refused_oversize",
     "proxy_refused_timeout",
+    "lmtp_recipients_delivered",
+    "lmtp_recipients_refused",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "REFUSED_FOR_EVERY_RECIPIENT",
     "AuthAttempt",
     "Closed",
     "Delay",
@@ -23,6 +24,10 @@ __all__ = [
     "OutputFull",
     "StartTLS",
 ]
+
+#: ``MessageRefused.reason`` in LMTP when injected faults refused each recipient at the end of
+#: data (each is also a ``FaultReplied`` naming its recipient).
+REFUSED_FOR_EVERY_RECIPIENT = "refused for every recipient"
 
 
 @dataclass(slots=True)
@@ -51,7 +56,10 @@ class Envelope:
         """The RFC 3848 / RFC 6531 "with" keyword for a Received header."""
         if self.greeting == "SMTP":
             return "SMTP"
-        base = "UTF8SMTP" if self.smtputf8 else self.greeting
+        if self.smtputf8:
+            base = "UTF8LMTP" if self.greeting == "LMTP" else "UTF8SMTP"
+        else:
+            base = self.greeting
         return base + ("S" if self.tls else "") + ("A" if self.auth_user else "")
 
 
@@ -109,7 +117,8 @@ class MessageRefused(Event):
     the event is there so the driver can count refusals (only the core sees them)."""
 
     envelope: Envelope
-    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values).
+    #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values), or, in LMTP,
+    #: ``REFUSED_FOR_EVERY_RECIPIENT``.
     reason: str
 
 
@@ -154,6 +163,9 @@ class FaultReplied(Event):
     code: int
     #: The rule or magic address that chose it, for the log.
     why: str
+    #: LMTP's end of data: the one recipient it refused (the message may be stored for the
+    #: others). None when it answers a whole command or message.
+    recipient: str | None = None
 
 
 @dataclass(slots=True)

@@ -13,8 +13,10 @@ Grammar (the reply text and the duration cannot contain ``:``; a condition may):
     delay: POINT[ COND...]:DURATION[:TRIGGER]  e.g.  RCPT:100ms:5%
     drop:  POINT[ COND...][:TRIGGER]           e.g.  EOD:every=100
 
-    POINT    BANNER, HELO, EHLO, MAIL, RCPT, DATA, EOD (end of data, DATA or BDAT LAST),
-             or another verb: RSET, NOOP, QUIT, VRFY, EXPN, HELP, AUTH, STARTTLS
+    POINT    BANNER, HELO, EHLO, LHLO, MAIL, RCPT, DATA, EOD (end of data, DATA or BDAT
+             LAST), or another verb: RSET, NOOP, QUIT, VRFY, EXPN, HELP, AUTH, STARTTLS.
+             In LMTP, EOD is decided per recipient: ``to`` is that recipient, ``every=N``
+             counts recipients' answers
     COND     from=GLOB | from=~REGEX | to=GLOB | to=~REGEX (case-insensitive; a GLOB must
              match the whole address, a REGEX anywhere in it; ``to`` matches the RCPT being
              answered, or any recipient at DATA and EOD)
@@ -56,6 +58,7 @@ POINTS = (
     "BANNER",
     "HELO",
     "EHLO",
+    "LHLO",
     "MAIL",
     "RCPT",
     "DATA",

@@ -40,6 +40,7 @@ LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BAD_UTF8 = Reply(500, "5.5.2", "Error: command is not valid UTF-8")
 SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO hostname")
 SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_LHLO = Reply(501, "5.5.4", "Syntax: LHLO hostname")
 SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
 SYNTAX_NO_ARGS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")
@@ -56,6 +57,9 @@ AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: malformed authentication respons
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 AUTH_NOT_ENABLED = Reply(502, "5.5.1", "Error: authentication not enabled")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_LHLO = Reply(503, "5.5.1", "Error: send LHLO first")
+# RFC 2033 4.1: an LMTP server refuses HELO and EHLO.
+NOT_LMTP = Reply(500, "5.5.1", "Error: this is an LMTP server, send LHLO")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
@@ -89,6 +93,11 @@ NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Error: non-ASCII recipient needs SMTP
 @cache
 def banner(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP mailstorm")
+
+
+@cache
+def lmtp_banner(hostname: str) -> Reply:
+    return Reply(220, None, f"{hostname} LMTP mailstorm")
 
 
 @cache

@@ -35,6 +35,14 @@ session; at EOD the message is not stored), a delay is a ``Delay`` event returne
 queued answer may leave, a drop closes without the answer (at DATA: once content arrives,
 read from ``Mode.DROP_CONTENT``). Events that must follow another wait in ``Mode.HELD``.
 Without a plan none of this runs: the only cost is the handler table being an attribute.
+
+LMTP (RFC 2033, ``SessionPolicy.lmtp``): chosen once, in ``__init__``, as a handler table
+(``_LMTP_HANDLERS``: LHLO is the hello, HELO and EHLO are refused) and a sequence table that
+asks for LHLO, so plain SMTP pays nothing per command. At the end of data (``_finish_message``,
+its one per-message branch) an LMTP session answers once per accepted recipient, in RCPT order:
+an EOD fault is decided per recipient, the store is asked once for the recipients left, and
+its result becomes each of their replies. The replies are queued one at a time by
+``Mode.LMTP_REPLIES``, so the bound on unsent output holds however many recipients there are.
 """
 
 from __future__ import annotations
@@ -42,14 +50,16 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, auto
 from functools import cache
+from types import MappingProxyType
 
 from . import reply_table as R
 from .data import BareLinefeedPolicy, BdatReader, DataFailure, DataReader
 from .events import (
+    REFUSED_FOR_EVERY_RECIPIENT,
     AuthAttempt,
     Closed,
     Delay,
@@ -122,6 +132,8 @@ class SessionPolicy:
     #: Where to count the replies queued, by code (``reply_counts[250] += 1``), shared by all
     #: sessions; None: not counted. A list indexed by code: one increment per reply.
     reply_counts: list[int] | None = field(default=None, compare=False, hash=False)
+    #: Speak LMTP (RFC 2033) instead of SMTP: LHLO, and a reply per recipient at end of data.
+    lmtp: bool = False
 
     def ehlo_keywords(self, tls_active: bool) -> list[str]:
         """The EHLO keyword lines (RFC 5321 4.1.1.1) for a session in this TLS state."""
@@ -163,6 +175,8 @@ class Mode(IntEnum):
     HELD = auto()
     #: A drop at DATA: the 354 is out; the connection closes once content arrives.
     DROP_CONTENT = auto()
+    #: LMTP: the end of data is answered, one reply per recipient queued per step.
+    LMTP_REPLIES = auto()
     #: The session is over; input is ignored.
     CLOSED = auto()
 
@@ -213,10 +227,15 @@ _OUT_OF_SEQUENCE: dict[tuple[str, Phase], Reply] = {
                      "EXPN", "HELP", "AUTH", "STARTTLS")
     },
 }
+#: The same for LMTP: LHLO is the hello the refusals ask for (RFC 2033 4.1).
+_LMTP_OUT_OF_SEQUENCE: dict[tuple[str, Phase], Reply] = {
+    key: R.NEED_LHLO if reply is R.NEED_HELO else reply for key, reply in _OUT_OF_SEQUENCE.items()
+} | {("LHLO", Phase.NO_SERVICE): R.NO_SERVICE}
 
 _HELP_TOPICS: dict[str, str] = {
     "HELO": "HELO hostname",
     "EHLO": "EHLO hostname",
+    "LHLO": "LHLO hostname",
     "MAIL": "MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
     "RCPT": "RCPT TO:<address>",
     "DATA": "DATA, then the message, ended by a line with a single dot",
@@ -234,10 +253,26 @@ _HELP_REPLIES = {verb: Reply(214, "2.0.0", text) for verb, text in _HELP_TOPICS.
 _HELP_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
 
 _AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+#: LMTP: no reply injected for any recipient (immutable, so it can be a shared default).
+_NO_ANSWERS: Mapping[int, Reply] = MappingProxyType({})
 
 
 class ServerConnection:
     """One SMTP session, server side. See the module docstring for the theory of operation."""
+
+    # LMTP's end of data: the stored message's recipients in RCPT order and the replies
+    # injected for some of them (by index), until the store answers; then the recipients
+    # being answered, their injected replies, the reply for the others, how many are queued,
+    # and whether the session ends after them (an injected 421). Each reply is built as it is
+    # queued: a thousand recipients never mean a thousand replies held. Immutable class
+    # defaults, only ever replaced, never changed in place: an SMTP session carries none.
+    _lmtp_rcpts: Sequence[str] = ()
+    _lmtp_refused: Mapping[int, Reply] = _NO_ANSWERS
+    _lmtp_queue: Sequence[str] = ()
+    _lmtp_answers: Mapping[int, Reply] = _NO_ANSWERS
+    _lmtp_default: Reply | None = None
+    _lmtp_sent = 0
+    _lmtp_close = False
 
     def __init__(self, policy: SessionPolicy, *, tls_active: bool = False) -> None:
         self.policy = policy
@@ -245,14 +280,14 @@ class ServerConnection:
         self.mode = Mode.COMMAND
         self.phase = Phase.CONNECTED
         self.helo = ""
-        self.greeting = "ESMTP"
+        self.greeting = "LMTP" if policy.lmtp else "ESMTP"
         self.auth_user: str | None = None
         self.envelope: Envelope | None = None
         self.errors = 0
         #: NOOP, RSET, VRFY, EXPN and HELP since the session began or a message was accepted.
         self.junk_commands = 0
         self._buf = bytearray()
-        banner = R.banner(policy.hostname).to_bytes()
+        banner = (R.lmtp_banner if policy.lmtp else R.banner)(policy.hostname).to_bytes()
         self._out: list[bytes] = [banner]
         self._reply_counts = policy.reply_counts
         if self._reply_counts is not None:
@@ -277,7 +312,14 @@ class ServerConnection:
         # (``Mode.HELD``) and the mode they return to, a delay owed after the driver's answer.
         plan = policy.faults
         self._faults = plan
-        self._handlers = _HANDLERS if plan is None else _FAULTY_HANDLERS
+        # LMTP is chosen here, once: its own tables, so SMTP commands pay nothing for it.
+        self._lmtp = policy.lmtp
+        if policy.lmtp:
+            self._handlers = _LMTP_HANDLERS if plan is None else _FAULTY_LMTP_HANDLERS
+            self._sequence = _LMTP_OUT_OF_SEQUENCE
+        else:
+            self._handlers = _HANDLERS if plan is None else _FAULTY_HANDLERS
+            self._sequence = _OUT_OF_SEQUENCE
         self._held: list[Event] = []
         self._held_mode = Mode.COMMAND
         self._delay_after_answer: Delay | None = None
@@ -344,11 +386,17 @@ class ServerConnection:
         """The driver stored the message of the last ``MessageReceived``."""
         # As Postfix: junk commands are counted between delivered messages, not per session.
         self.junk_commands = 0
-        self._resume(R.queued(queue_id))
+        if self._lmtp_rcpts:
+            self._lmtp_answer(R.queued(queue_id))
+        else:
+            self._resume(R.queued(queue_id))
 
     def message_failed(self, reply: Reply = R.STORAGE_FAILED) -> None:
         """The driver could not store the message; the client is told to try later."""
-        self._resume(reply)
+        if self._lmtp_rcpts:
+            self._lmtp_answer(reply)
+        else:
+            self._resume(reply)
 
     def auth_result(self, ok: bool) -> None:
         """The driver checked the credentials of the last ``AuthAttempt``."""
@@ -363,7 +411,7 @@ class ServerConnection:
         """The TLS handshake after ``StartTLS`` succeeded: start over as RFC 3207 4.2 says."""
         self.tls_active = True
         self.helo = ""
-        self.greeting = "ESMTP"
+        self.greeting = "LMTP" if self._lmtp else "ESMTP"
         self.auth_user = None
         self.envelope = None
         if self.phase is not Phase.NO_SERVICE:
@@ -378,6 +426,12 @@ class ServerConnection:
 
     def close(self, reply: Reply | None = None) -> None:
         """End the session, optionally queueing a last reply (421 on shutdown or timeout)."""
+        if self.mode is Mode.HELD and self._held_mode is Mode.LMTP_REPLIES:
+            self._held.clear()  # a delay before the replies: moot now
+            self.mode = Mode.LMTP_REPLIES
+        if self.mode is Mode.LMTP_REPLIES:
+            # The message is stored: its recipients' answers must not be lost to a 421.
+            self._lmtp_flush()
         if reply is not None and self.mode is not Mode.CLOSED:
             self._reply(reply)
         self.mode = Mode.CLOSED
@@ -536,6 +590,127 @@ class ServerConnection:
             return Dropped("DATA", "drop at DATA")
         return Closed() if self._eof else NeedData
 
+    # ---- LMTP's end of data (RFC 2033 4.2; see the module docstring) ---------------------
+
+    def _finish_lmtp(
+        self, envelope: Envelope, content: bytes | None, failure: DataFailure | None
+    ) -> Event:
+        """The end of data of an LMTP session: one reply per recipient, in RCPT order.
+
+        A message refused by policy (size, bare LF) is refused for each recipient. An EOD
+        fault is asked about each recipient alone (``to=`` names that recipient, ``every=N``
+        counts recipients): its reply goes to that recipient only, a drop closes the
+        connection (nothing stored), the first delay holds all the replies. The message is
+        stored once, its envelope holding only the recipients no fault refused; if a fault
+        refused them all, nothing is stored.
+        """
+        rcpts = envelope.rcpt_tos
+        if failure is not None:
+            reply = (
+                R.BARE_LINEFEED
+                if failure is DataFailure.BARE_LINEFEED
+                else R.size_exceeded(self.policy.max_size)
+            )
+            self._lmtp_start(rcpts, {}, reply)
+            return MessageRefused(envelope, failure.value)
+        assert content is not None
+        refused: dict[int, Reply] = {}
+        events: list[Event] = []
+        delay: Delay | None = None
+        plan = self._faults
+        if plan is not None:
+            for i, rcpt in enumerate(rcpts):
+                verdict = plan.decide("EOD", envelope.mail_from, (rcpt,))
+                if verdict is None:
+                    continue
+                if verdict.drop:
+                    self.close()
+                    return Dropped("EOD", verdict.why)
+                if verdict.reply is not None:
+                    refused[i] = verdict.reply
+                    events.append(FaultReplied("EOD", verdict.reply.code, verdict.why, rcpt))
+                    # 421 ends the session, but only once every recipient has its answer.
+                    self._lmtp_close = self._lmtp_close or verdict.reply.code == 421
+                if verdict.delay and delay is None:
+                    delay = Delay("EOD", verdict.delay, verdict.why)
+        if len(refused) == len(rcpts):
+            self._lmtp_start(rcpts, refused, None)
+            events.append(MessageRefused(envelope, REFUSED_FOR_EVERY_RECIPIENT))
+            if delay is not None:
+                events.insert(0, delay)  # held events come out before any reply is queued
+            return self._emit(events)
+        stored = envelope
+        if refused:
+            kept = [i for i in range(len(rcpts)) if i not in refused]
+            stored = replace(
+                envelope,
+                rcpt_tos=[rcpts[i] for i in kept],
+                rcpt_options=[envelope.rcpt_options[i] for i in kept],
+            )
+        self._lmtp_rcpts = rcpts
+        self._lmtp_refused = refused
+        self._delay_after_answer = delay
+        events.append(self._park(MessageReceived(stored, content)))
+        return self._emit(events)
+
+    def _emit(self, events: list[Event]) -> Event:
+        """The first of ``events`` now, the others from the next ``next_event`` calls; then
+        the session goes on in the mode it is in now."""
+        first, *rest = events
+        if rest:
+            self._hold(*rest)
+        return first
+
+    def _lmtp_answer(self, reply: Reply) -> None:
+        """The store's answer (250 or 451) for every recipient no fault refused."""
+        if self.mode is not Mode.WAITING:
+            raise RuntimeError("no pending event to answer")
+        self._pending = None
+        rcpts, refused = self._lmtp_rcpts, self._lmtp_refused
+        self._lmtp_rcpts = ()
+        self._lmtp_refused = _NO_ANSWERS
+        self._lmtp_start(rcpts, refused, reply)
+        if self._delay_after_answer is not None:
+            delay, self._delay_after_answer = self._delay_after_answer, None
+            self._hold(delay)
+
+    def _lmtp_start(
+        self, rcpts: Sequence[str], answers: Mapping[int, Reply], default: Reply | None
+    ) -> None:
+        """Answer ``rcpts``, in order, with ``answers`` by index and ``default`` for the others,
+        one reply per reader step (``Mode.LMTP_REPLIES``): the output bound is checked between
+        them, so a thousand recipients never pile up a thousand unsent replies."""
+        self._lmtp_queue = rcpts
+        self._lmtp_answers = answers
+        self._lmtp_default = default
+        self._lmtp_sent = 0
+        self.mode = Mode.LMTP_REPLIES
+
+    def _read_lmtp_replies(self) -> Event | None:
+        rcpts = self._lmtp_queue
+        sent = self._lmtp_sent
+        if sent < len(rcpts):
+            reply = self._lmtp_answers.get(sent) or self._lmtp_default
+            assert reply is not None
+            self._reply(_for_recipient(reply, rcpts[sent]))
+            sent += 1
+            self._lmtp_sent = sent
+            if sent < len(rcpts):
+                return None
+        self._lmtp_queue = ()
+        self._lmtp_answers = _NO_ANSWERS
+        self._lmtp_default = None
+        self.mode = Mode.COMMAND
+        if self._lmtp_close:
+            self._lmtp_close = False
+            self.close()
+        return None
+
+    def _lmtp_flush(self) -> None:
+        """Queue every reply still owed, past the output bound (the session is closing)."""
+        while self.mode is Mode.LMTP_REPLIES:
+            self._read_lmtp_replies()
+
     # ---- readers, one per mode ---------------------------------------------------------
 
     def _take_line(self) -> bytes | None:
@@ -618,7 +793,7 @@ class ServerConnection:
         if handler is None:
             self._refuse(R.UNKNOWN_COMMAND)
             return None
-        refusal = _OUT_OF_SEQUENCE.get((verb, self.phase))
+        refusal = self._sequence.get((verb, self.phase))
         if refusal is not None:
             if verb == "BDAT":
                 # The chunk's octets follow regardless: they must be drained, then refused.
@@ -652,6 +827,9 @@ class ServerConnection:
             if refusal.code == 552:
                 # RFC 3030 2: after a 5xx to a chunk the client sends no more of this message;
                 # the transaction is over, and any further chunk is out of sequence.
+                if self._lmtp and self._bdat_last:
+                    # LMTP answers BDAT LAST once per recipient (RFC 2033 4.3), refusals too.
+                    return self._finish_message(None, DataFailure.TOO_BIG)
                 envelope = self.envelope
                 self._reset_transaction()
                 self._reply(refusal)
@@ -695,10 +873,18 @@ class ServerConnection:
     def _ehlo(self, arg: str | None) -> Event | None:
         return self._greet(arg, "ESMTP")
 
+    def _lhlo(self, arg: str | None) -> Event | None:
+        return self._greet(arg, "LMTP")
+
+    def _hello_in_lmtp(self, arg: str | None) -> Event | None:
+        # RFC 2033 4.1: LHLO is the only hello; HELO and EHLO are not LMTP commands.
+        self._refuse(R.NOT_LMTP)
+        return None
+
     def _greet(self, arg: str | None, greeting: str) -> Event | None:
         arg = (arg or "").strip()
         if not arg or " " in arg:
-            self._refuse(R.SYNTAX_HELO if greeting == "SMTP" else R.SYNTAX_EHLO)
+            self._refuse(_SYNTAX_HELLO[greeting])
             return None
         # A sink accepts whatever name the client gives (as Postfix does by default); it is
         # recorded as sent, and sanitized where it is written into a Received header.
@@ -825,6 +1011,8 @@ class ServerConnection:
         envelope = self.envelope
         self._reset_transaction()
         assert envelope is not None
+        if self._lmtp:
+            return self._finish_lmtp(envelope, content, failure)
         if failure is not None:
             self._reply(
                 R.BARE_LINEFEED
@@ -983,10 +1171,12 @@ def _ehlo_reply(policy: SessionPolicy, tls_active: bool) -> Reply:
 def _help_replies(policy: SessionPolicy, tls_active: bool) -> dict[str, Reply]:
     """HELP's answers for a session in this TLS state, by topic ("" for the list): AUTH and
     STARTTLS only where they are offered, as in the EHLO reply."""
+    hellos = ("LHLO",) if policy.lmtp else ("HELO", "EHLO")
     verbs = [
         verb
         for verb in _HELP_TOPICS
-        if (verb != "AUTH" or policy.auth_offered(tls_active))
+        if (verb not in ("HELO", "EHLO", "LHLO") or verb in hellos)
+        and (verb != "AUTH" or policy.auth_offered(tls_active))
         and (verb != "STARTTLS" or (policy.tls_available and not tls_active))
     ]
     replies = {verb: _HELP_REPLIES[verb] for verb in verbs}
@@ -998,6 +1188,13 @@ def _help_replies(policy: SessionPolicy, tls_active: bool) -> dict[str, Reply]:
         "For information on a command, send HELP command",
     )
     return replies
+
+
+def _for_recipient(reply: Reply, rcpt: str) -> Reply:
+    """``reply`` as LMTP's answer for one recipient: its text names the recipient, as
+    Dovecot's and Cyrus's do, so a client's log says whose delivery failed."""
+    first, *rest = reply.lines
+    return Reply(reply.code, reply.enhanced, f"<{rcpt}> {first}", *rest)
 
 
 def _check_mail_param(key: str, value: str | None, max_size: int) -> Reply | None:
@@ -1020,6 +1217,8 @@ def _check_mail_param(key: str, value: str | None, max_size: int) -> Reply | Non
     return R.UNKNOWN_PARAM
 
 
+_SYNTAX_HELLO = {"SMTP": R.SYNTAX_HELO, "ESMTP": R.SYNTAX_EHLO, "LMTP": R.SYNTAX_LHLO}
+
 _Handler = Callable[[ServerConnection, str | None], Event | None]
 
 _HANDLERS: dict[str, _Handler] = {
@@ -1037,6 +1236,13 @@ _HANDLERS: dict[str, _Handler] = {
     "HELP": ServerConnection._help,
     "STARTTLS": ServerConnection._starttls,
     "AUTH": ServerConnection._auth,
+}
+
+#: An LMTP session's handlers: LHLO instead of HELO and EHLO (RFC 2033 4.1).
+_LMTP_HANDLERS: dict[str, _Handler] = _HANDLERS | {
+    "HELO": ServerConnection._hello_in_lmtp,
+    "EHLO": ServerConnection._hello_in_lmtp,
+    "LHLO": ServerConnection._lhlo,
 }
 
 #: A drop at these points closes in the middle of the content, after the 354.
@@ -1103,6 +1309,11 @@ _FAULTY_HANDLERS: dict[str, _Handler] = {
     verb: handler if verb == "BDAT" else _with_faults(verb, handler)
     for verb, handler in _HANDLERS.items()
 }
+#: The same for LMTP (HELO and EHLO are refused whatever the plan says: they are unknown).
+_FAULTY_LMTP_HANDLERS: dict[str, _Handler] = {
+    verb: handler if verb in ("BDAT", "HELO", "EHLO") else _with_faults(verb, handler)
+    for verb, handler in _LMTP_HANDLERS.items()
+}
 
 _READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
     Mode.COMMAND: ServerConnection._read_command,
@@ -1113,5 +1324,6 @@ _READERS: dict[Mode, Callable[[ServerConnection], Event | None]] = {
     Mode.WAITING: ServerConnection._read_nothing,
     Mode.HELD: ServerConnection._read_held,
     Mode.DROP_CONTENT: ServerConnection._drop_content,
+    Mode.LMTP_REPLIES: ServerConnection._read_lmtp_replies,
     Mode.CLOSED: ServerConnection._read_nothing,
 }
