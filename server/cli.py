@@ -23,6 +23,7 @@ from mailstorm.cliutil import (
     seconds,
     value_type,
 )
+from mailstorm.logsetup import configure_logging, level_from_args
 from mailstorm.wire.data import BareLinefeedPolicy
 
 from .app import ConfigError, SinkServer, listening_sockets
@@ -42,6 +43,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .eventlog import EVENTS_LOGGER, add_log_options
 from .workers import WorkerSupervisor, reserve_ports
 
 __all__ = ["build_parser", "main"]
@@ -283,6 +285,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "every worker gets the same seed)",
     )
 
+    add_log_options(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -320,9 +323,9 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="more logging (-vv for per-session debugging)",
+        help="per-session debugging lines: --log-level debug (-vv is the same)",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    run.add_argument("-q", "--quiet", action="store_true", help="only errors: --log-level error")
     return p
 
 
@@ -359,6 +362,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         throttle=args.throttle,
         magic_addresses=args.magic_addresses,
         fault_seed=args.fault_seed,
+        log_events=args.log_events,
     )
 
 
@@ -373,17 +377,29 @@ async def _run(server: SinkServer) -> None:
                 logging.DEBUG if server.config.report_interval > 0 else logging.INFO,
                 "%s",
                 listening_line(names, tls_names, server.store.describe()),
+                extra={
+                    "event": "listening",
+                    "listen": [_fmt(a) for a in server.addresses],
+                    "tls_listen": [_fmt(a) for a in server.tls_addresses],
+                    "store": server.store.describe(),
+                },
             )
             level = logging.DEBUG if server.config.report_interval > 0 else logging.INFO
             seen = 0
             async for signum in signals:
                 seen += 1
                 name = signal.Signals(signum).name
+                extra = {"event": "shutdown", "signal": name, "immediately": seen > 1}
                 if seen == 1:
-                    log.log(level, "%s: shutting down gracefully (again to stop at once)", name)
+                    log.log(
+                        level,
+                        "%s: shutting down gracefully (again to stop at once)",
+                        name,
+                        extra=extra,
+                    )
                     server.shutdown()
                 else:
-                    log.log(level, "%s: stopping now", name)
+                    log.log(level, "%s: stopping now", name, extra=extra)
                     server.shutdown(immediately=True)
 
 
@@ -406,10 +422,10 @@ def _fmt(address: tuple[str, int]) -> str:
 def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+    configure_logging(args.log_format, level_from_args(args, parser, default_level="info"))
+    if args.log_events:
+        # Events are asked for by name, so they show whatever --log-level says.
+        logging.getLogger(EVENTS_LOGGER).setLevel(logging.INFO)
     config = config_from_args(args)
     try:
         server = SinkServer.from_config(config)
@@ -419,7 +435,8 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     if server.credentials_on_plaintext():
         log.warning(
             "warning: AUTH is offered without TLS: passwords travel in plaintext "
-            "(configure --tls-cert/--tls-key to protect them)"
+            "(configure --tls-cert/--tls-key to protect them)",
+            extra={"event": "auth_without_tls"},
         )
     raise_open_files_limit()
     if args.workers > 1:

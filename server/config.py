@@ -129,6 +129,10 @@ class SinkConfig:
     magic_addresses: bool = False
     #: Seed of the random source behind ``N%`` triggers (None: unpredictable).
     fault_seed: int | None = None
+    # ---- logs (``eventlog``) ----------------------------------------------------------------
+    #: Log every session's events (session_start, message_accepted, ...) at INFO to the
+    #: logger ``mailstorm.sink.events`` (``--log-events``; off: nothing per message).
+    log_events: bool = False
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

@@ -47,6 +47,7 @@ from mailstorm.wire.server import SessionPolicy
 
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
+from .eventlog import SessionLog
 from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
 from .stats import SinkStats
 from .stores import Store, StoreError
@@ -92,6 +93,9 @@ class SinkContext:
     hub: ReadinessHub | None = None
     #: Octets per second each session reads at most (0: no throttle; ``--throttle``).
     throttle: int = 0
+    # ---- logs ----
+    #: Log each session's events (``--log-events``, ``eventlog.SessionLog``).
+    log_events: bool = False
 
 
 class IdleReaper:
@@ -159,6 +163,9 @@ class Session:
             tls=tls,
             auth_limiter=ctx.auth_limiter,
         )
+        if ctx.log_events:
+            protocol = self.protocol
+            protocol.events = SessionLog(protocol.session_id, self.peer_ip, self.peer_port)
         self._scope = trio.CancelScope()
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
@@ -195,11 +202,15 @@ class Session:
 
     def time_out(self) -> None:
         """``idle_deadline`` has passed: the session ends with 421 4.4.2."""
+        if self.protocol.events is not None:
+            self.protocol.events.ended_because("timeout")
         self._scope.cancel()
 
     def lifetime_over(self) -> None:
         """``end_deadline`` has passed: the session ends with 421 after its transaction."""
         self.end_deadline = math.inf
+        if self.protocol.events is not None:
+            self.protocol.events.stopping = "session time"
         self.request_stop(R.session_too_long(self.ctx.policy.hostname))
 
     # ---- the session -----------------------------------------------------------------------
@@ -209,6 +220,9 @@ class Session:
         stats = ctx.stats
         stats.sessions_total += 1
         stats.sessions_active += 1
+        events = self.protocol.events
+        if events is not None:
+            events.session_start(self.implicit_tls)
         try:
             with self._scope:
                 now = trio.current_time()
@@ -219,12 +233,18 @@ class Session:
                     return
                 await self._loop()
             if self._scope.cancelled_caught:
+                if events is not None:
+                    events.ended_because(events.stopping or "shutdown")
                 await self._goodbye()
         except _STREAM_ERRORS as exc:
             # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
+            if events is not None:
+                events.ended_because("connection lost")
         finally:
             stats.sessions_active -= 1
+            if events is not None:
+                events.session_end("closed")
             stream = self.stream
             if isinstance(stream, SocketTransport):
                 stream.close()  # plain TCP: nothing to say goodbye with, no need to wait
@@ -301,7 +321,17 @@ class Session:
                     delivery.event.envelope, delivery.event.content, delivery.trace
                 )
         except (StoreError, OSError) as exc:
-            log.error("storing message %s failed: %s", delivery.queue_id, exc)
+            log.error(
+                "storing message %s failed: %s",
+                delivery.queue_id,
+                exc,
+                extra={
+                    "event": "store_failed",
+                    "session": protocol.session_id,
+                    "queue_id": delivery.queue_id,
+                    "reason": str(exc),
+                },
+            )
             protocol.delivery_failed()
         else:
             protocol.delivered()
@@ -322,13 +352,20 @@ class Session:
                 )
             else:
                 ok = credentials.verify(attempt.username, attempt.password)
-        if not ok:
+        if not ok and protocol.events is None:  # with --log-events the protocol logs it
             # The username is not a secret; the password never appears in a log line.
             log.info(
                 "AUTH %s failed for user %r from %s",
                 attempt.mechanism,
                 attempt.username[:64],
                 self.peer_ip,
+                extra={
+                    "event": "auth_failed",
+                    "session": protocol.session_id,
+                    "client": self.peer_ip,
+                    "mechanism": attempt.mechanism,
+                    "user": attempt.username[:64],
+                },
             )
         delay = protocol.auth_checked(ok)
         if delay:
@@ -434,6 +471,8 @@ class Session:
             await tls_stream.do_handshake()
         except trio.BrokenResourceError as exc:
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
+            if self.protocol.events is not None:
+                self.protocol.events.ended_because("TLS handshake failed")
             return False
         self.protocol.tls_started(*_tls_details(tls_stream))
         return True
