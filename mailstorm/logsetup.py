@@ -39,6 +39,8 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
     "asctime",
     "taskName",
 }
+#: The name of the handler ``configure_logging`` installs (so that it can find it again).
+_HANDLER_NAME = "mailstorm.logsetup"
 #: The event name of a record that was given none.
 DEFAULT_EVENT = "log"
 
@@ -138,7 +140,8 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every log record at ``level`` or above to ``stream`` (stderr) in ``log_format``.
 
-    Replaces whatever handlers the root logger had, so calling it twice does not double lines.
+    Replaces the handler an earlier call installed (so calling it twice does not double
+    lines) and leaves any other alone (pytest's, when a test calls a ``main`` in-process).
     Returns the handler.
     """
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
@@ -146,9 +149,11 @@ def configure_logging(
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(text_format, datefmt="%H:%M:%S"))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in root.handlers[:]:
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     return handler
