@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 import shutil
 import signal
 import smtplib
@@ -183,3 +185,20 @@ def test_workers_write_json_lines_too(tmp_path: Path) -> None:
     assert len(accepted) == 6
     (stopped,) = (e for e in entries if e["event"] == "stopped")
     assert stopped["counters"]["messages"] == 6
+
+
+def test_a_record_knows_its_queue_and_session_ids(caplog: pytest.LogCaptureFixture) -> None:
+    from mailstorm.sink import SinkThread
+
+    caplog.set_level(logging.INFO, logger="mailstorm.sink.events")
+    with SinkThread(log_events=True) as sink:
+        with smtplib.SMTP(sink.host, sink.port, timeout=PROCESS_TIMEOUT) as client:
+            client.ehlo()
+            client.sendmail("a@example.test", ["b@example.test"], _message())
+        (record,) = sink.wait_for(1, timeout=PROCESS_TIMEOUT)
+    assert record.queue_id is not None and re.fullmatch(r"[0-9A-Z]{12}-1", record.queue_id)
+    assert record.session_id == record.queue_id[:12]
+    accepted = [r for r in caplog.records if getattr(r, "event", None) == "message_accepted"]
+    assert [r.queue_id for r in accepted] == [record.queue_id]
+    events = [r for r in caplog.records if r.name == "mailstorm.sink.events"]
+    assert len(events) == 3 and {r.session for r in events} == {record.session_id}
