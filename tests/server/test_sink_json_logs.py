@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TLSFiles
 
 from mailstorm.ports import free_port
 from mailstorm.sink import read_maildir
@@ -202,3 +203,26 @@ def test_a_record_knows_its_queue_and_session_ids(caplog: pytest.LogCaptureFixtu
     assert [r.queue_id for r in accepted] == [record.queue_id]
     events = [r for r in caplog.records if r.name == "mailstorm.sink.events"]
     assert len(events) == 3 and {r.session for r in events} == {record.session_id}
+
+
+def test_starttls_and_refusals_are_events(
+    caplog: pytest.LogCaptureFixture, tls_files: TLSFiles
+) -> None:
+    from mailstorm.sink import SinkThread
+
+    caplog.set_level(logging.INFO, logger="mailstorm.sink.events")
+    with SinkThread(
+        log_events=True, tls_cert=str(tls_files.cert), tls_key=str(tls_files.key), max_size=1000
+    ) as sink, smtplib.SMTP(sink.host, sink.port, timeout=PROCESS_TIMEOUT) as client:
+        client.starttls(context=tls_files.client_context())
+        with pytest.raises(smtplib.SMTPDataError):
+            client.sendmail("a@example.test", ["b@example.test"], "x" * 2000)
+    fields = [r.__dict__ for r in caplog.records if r.name == "mailstorm.sink.events"]
+    assert [f["event"] for f in fields] == [
+        "session_start", "tls_started", "message_refused", "session_end"
+    ]
+    assert fields[1]["tls_version"].startswith("TLSv1.")
+    assert fields[1]["cipher"]
+    assert fields[2]["code"] == 552 and fields[2]["reason"] == "too big"
+    assert fields[2]["from"] == "a@example.test" and fields[2]["recipients"] == 1
+    assert fields[3]["reason"] == "quit"
