@@ -13,6 +13,11 @@ Injected faults are chosen by the core (its ``FaultPlan``); here they become act
 ``SinkStats`` and logged, one INFO line each. ``ThrottledSinkProtocol`` adds the link time of
 ``--throttle`` to every read as a delay before the read is processed.
 
+The session's id (``session_id``, built lazily from a per-process counter) names its queue
+ids, ``<session id>-<n>``, which the stored ``Received:`` header carries. With ``--log-events``
+the session has a ``SessionLog`` (``events``, else None: one ``is None`` check per message is
+all the hot path pays) and each event is logged from here (``eventlog``).
+
 Rules of this module: no I/O but those log lines, no awaiting, no clock, no trio. The SMTP
 protocol itself is the sans-IO core's (``mailstorm.wire.server``); this object turns the core's
 events into actions for a driver and counts them in ``SinkStats``.

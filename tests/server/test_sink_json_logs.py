@@ -228,3 +228,31 @@ def test_starttls_and_refusals_are_events(
     assert fields[2]["code"] == 552 and fields[2]["reason"] == "too big"
     assert fields[2]["from"] == "a@example.test" and fields[2]["recipients"] == 1
     assert fields[3]["reason"] == "quit"
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--log-level", "debug", "-q"], "--log-level cannot be combined with -v or -q"),
+        (["--log-format", "yaml"], "--log-format"),
+        (["--log-level", "chatty"], "--log-level"),
+    ],
+)
+def test_bad_logging_options_are_one_line_and_status_2(argv: list[str], complaint: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailstorm", "sink", *argv],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and complaint in result.stderr, result.stderr
+
+
+def test_help_explains_the_logging_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailstorm", "sink", "--help"],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=True,
+    )
+    text = " ".join(result.stdout.split())
+    for needle in ("--log-format {text,json}", "--log-level {debug,info,warning,error}",
+                   "--log-events", "whatever --log-level says"):
+        assert needle in text
