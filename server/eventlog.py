@@ -38,6 +38,7 @@ __all__ = [
     "EVENTS_LOGGER",
     "SessionLog",
     "add_log_options",
+    "client_text",
     "find_message_id",
     "next_session_number",
     "session_id",
@@ -104,6 +105,11 @@ def find_message_id(content: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
+def client_text(ip: str, port: int) -> str:
+    """A client's address as log lines give it: ``ip:port``, ``[ipv6]:port``."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     """The sink's "logging" options: ``--log-format``, ``--log-level`` and ``--log-events``."""
     group = add_logging_options(parser, default_level="info")
@@ -129,7 +135,7 @@ class SessionLog:
 
     def __init__(self, session: str, ip: str, port: int) -> None:
         self.session = session
-        self.client = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        self.client = client_text(ip, port)
         self.started = time.monotonic()
         self.messages = 0
         self.octets = 0

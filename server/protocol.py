@@ -345,7 +345,8 @@ class SinkProtocol:
             extra={
                 "event": "fault",
                 "session": self.session_id,
-                "client": self.peer_ip,
+                # The port is the session's to know: session_start has the whole address.
+                "client_ip": self.peer_ip,
                 "point": point,
                 "fault": what,
                 "rule": why,

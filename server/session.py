@@ -47,7 +47,7 @@ from mailstorm.wire.server import SessionPolicy
 
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
-from .eventlog import SessionLog
+from .eventlog import SessionLog, client_text
 from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
 from .stats import SinkStats
 from .stores import Store, StoreError
@@ -362,7 +362,7 @@ class Session:
                 extra={
                     "event": "auth_failed",
                     "session": protocol.session_id,
-                    "client": self.peer_ip,
+                    "client": client_text(self.peer_ip, self.peer_port),
                     "mechanism": attempt.mechanism,
                     "user": attempt.username[:64],
                 },

@@ -162,6 +162,7 @@ def test_without_log_events_nothing_is_logged_per_message(tmp_path: Path) -> Non
     assert events == ["listening", "fault", "shutdown", "stopped"], entries
     (fault,) = (e for e in entries if e["event"] == "fault")
     assert fault["point"] == "RCPT" and fault["fault"] == "550"
+    assert fault["client_ip"] == "127.0.0.1" and fault["rule"] == "fault 'RCPT to=x@*:550'"
     assert len(fault["session"]) == 12
     assert entries[-1]["counters"]["messages"] == 3
 
