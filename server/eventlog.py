@@ -173,8 +173,8 @@ class SessionLog:
         duration = round(time.monotonic() - self.started, 3)
         self._log(
             "session_end",
-            f"disconnect ({self.reason}) after {duration:.3f}s, {self.messages} messages, "
-            f"{self.octets} bytes",
+            f"disconnect ({self.reason}) after {duration:.3f}s, "
+            f"{self.messages} message{'s' * (self.messages != 1)}, {self.octets} bytes",
             {
                 "reason": self.reason,
                 "duration": duration,
