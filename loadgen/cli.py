@@ -9,12 +9,13 @@ or ``--procs`` runner, the live display, the final table, the JSON and HTML repo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -38,6 +39,7 @@ from mailstorm.load.workload import (
     parse_size,
     parse_size_mix,
 )
+from mailstorm.logsetup import add_logging_options, configure_logging, level_from_args
 from mailstorm.metrics_http import (
     add_metrics_arguments,
     bind_metrics_socket,
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from mailstorm.load.live import ProgressDisplay
 
 __all__ = ["main"]
+
+log = logging.getLogger("mailstorm.load")
 
 
 class _ClosedPipeTolerantConsole(Console):
@@ -60,6 +64,14 @@ class _ClosedPipeTolerantConsole(Console):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+class _LoggingConsole(Console):
+    """The progress display's console under ``--log-format json`` off a terminal: each plain
+    progress line becomes a log record (event ``progress``), so stderr stays all JSON."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        log.info("%s", " ".join(str(o) for o in objects), extra={"event": "progress"})
+
 
 DESCRIPTION = """\
 Load an SMTP or LMTP server with many concurrent sessions and report throughput and
@@ -364,6 +376,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="seconds between progress updates (default: 1 on a terminal, 5 otherwise)",
     )
     add_config_options(p, secret_keys=("auth",))
+    add_logging_options(p, default_level="info", aliases=False)
     return p
 
 
@@ -530,7 +543,12 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
         args = parse_args(parser, argv)  # over --config FILE; handles --print-config
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code or 0)
-    err = Console(stderr=True, highlight=False)
+    # Text keeps the plain lines of old (no time stamp); with json every stderr line is JSON.
+    level = level_from_args(args, parser, default_level="info", aliases=False)
+    configure_logging(args.log_format, level, text_format="%(message)s")
+    err: Console = Console(stderr=True, highlight=False)
+    if args.log_format == "json" and not err.is_terminal:
+        err = _LoggingConsole(stderr=True, highlight=False)
     factory: MessageFactory | None = None
     try:
         config = config_from_args(args)
@@ -539,26 +557,28 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
             factory = build_factory(config)  # reads the files now: a bad --eml is a usage error
     except (ConfigError, WorkloadError, FailIfError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        log.error("%s: error: %s", prog, exc, extra={"event": "config_error"})
         return 2
     per_process = -(-config.sessions // config.procs)
     problem = raise_open_files_limit(per_process)
     if problem is not None:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
+        log.error("%s: error: %s", prog, problem, extra={"event": "config_error"})
         return 2
     warning = ephemeral_port_warning(config.sessions, len(config.source_addresses))
     if warning:
-        err.print(f"warning: {warning}", markup=False)
+        log.warning("warning: %s", warning, extra={"event": "ephemeral_ports"})
     from mailstorm.load.probe import TargetUnreachable, probe_target
 
     try:
         source = config.source_addresses[0] if config.source_addresses else None
         config.probed_address = probe_target(config.target, config.timeout, source)
     except TargetUnreachable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        log.error(
+            "%s: %s", prog, exc, extra={"event": "target_unreachable", "target": str(config.target)}
+        )
         return TARGET_UNREACHABLE
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        log.error("%s: error: %s", prog, exc, extra={"event": "config_error"})
         return 2
 
     metrics_socket = None
@@ -594,11 +614,13 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
             _run_single(config, stats, display, factory, metrics_socket)
     except KeyboardInterrupt:
         status = INTERRUPTED
-        err.print("interrupted: reporting what was measured so far")
+        log.warning(
+            "interrupted: reporting what was measured so far", extra={"event": "interrupted"}
+        )
     except ConfigError as exc:
         if display is not None:
             display.stop()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        log.error("%s: error: %s", prog, exc, extra={"event": "config_error"})
         return 2
     finally:
         if display is not None:
@@ -646,8 +668,6 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
     if stats.attempted and not stats.delivered:
         # Nothing got through (server down, every message refused): a failed run even
         # without --fail-if, so that a plain invocation can gate a pipeline.
-        Console(stderr=True, highlight=False).print(
-            "mailstorm load: no message was delivered", style="bold red"
-        )
+        log.error("mailstorm load: no message was delivered", extra={"event": "nothing_delivered"})
         return NOTHING_DELIVERED
     return 0

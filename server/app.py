@@ -120,6 +120,7 @@ class SinkServer:
             auth_limiter=AuthFailureLimiter(config.max_auth_failures),
             throttle=config.throttle,
             proxy=proxy_policy(config.proxy_protocol, config.proxy_from, config.proxy_timeout),
+            log_events=config.log_events,
         )
         if config.tls_listen and ssl_context is None:
             raise ConfigError("--tls-listen needs --tls-cert and --tls-key")
@@ -202,6 +203,7 @@ class SinkServer:
             logging.DEBUG if self.config.report_interval > 0 else logging.INFO,
             "stopped: %s",
             self.stats.interval_line(),
+            extra={"event": "stopped", "counters": self.stats.snapshot()},
         )
 
     async def _serve_sessions(
@@ -323,6 +325,7 @@ class SinkServer:
             "shutting down: %d sessions open, grace period %.1fs",
             len(self._sessions),
             self.config.grace_period,
+            extra={"event": "draining", "sessions": len(self._sessions)},
         )
         for session in list(self._sessions):
             session.request_stop()
@@ -382,7 +385,11 @@ class SinkServer:
     async def _report_stats(self, interval: float) -> None:
         while True:
             await trio.sleep(interval)
-            log.info("%s", self.stats.interval_line())
+            log.info(
+                "%s",
+                self.stats.interval_line(),
+                extra={"event": "stats", "counters": self.stats.snapshot()},
+            )
 
 
 def _bound(listener: socket.socket) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from mailstorm.cliutil import (
     value_type,
 )
 from mailstorm.configfile import add_config_options, effective_argv, parse_args
+from mailstorm.logsetup import configure_logging, level_from_args
 from mailstorm.metrics_http import add_metrics_arguments, bind_metrics_socket
 from mailstorm.wire.data import BareLinefeedPolicy
 
@@ -44,6 +45,7 @@ from .config import (
     SinkConfig,
     parse_address,
 )
+from .eventlog import EVENTS_LOGGER, add_log_options
 from .lmtp_options import add_lmtp_options
 from .proxy import add_proxy_arguments
 from .workers import WorkerSupervisor, reserve_ports
@@ -290,6 +292,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
     add_metrics_arguments(p, "sink")
     add_proxy_arguments(p)
     add_lmtp_options(p)
+    add_log_options(p)
     run = p.add_argument_group("running")
     run.add_argument(
         "--workers",
@@ -327,9 +330,10 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="more logging (-vv for per-session debugging)",
+        help="per-session debugging lines: --log-level debug (-vv is the same)",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    run.add_argument("-q", "--quiet", action="store_true", help="only errors: --log-level error")
     add_config_options(p)
     return p
 
@@ -372,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         proxy_from=tuple(map(str, args.proxy_from)),
         proxy_timeout=args.proxy_timeout,
         lmtp=args.lmtp,
+        log_events=args.log_events,
     )
 
 
@@ -385,7 +390,15 @@ async def _run(server: SinkServer) -> None:
             log.log(
                 logging.DEBUG if server.config.report_interval > 0 else logging.INFO,
                 "%s",
-                listening_line(names, tls_names, server.store.describe(), lmtp=server.config.lmtp),
+                listening_line(
+                    names, tls_names, server.store.describe(), lmtp=server.config.lmtp
+                ),
+                extra={
+                    "event": "listening",
+                    "listen": [_fmt(a) for a in server.addresses],
+                    "tls_listen": [_fmt(a) for a in server.tls_addresses],
+                    "store": server.store.describe(),
+                },
             )
             if server.metrics_address is not None:
                 log.info("metrics at http://%s/metrics", server.metrics_address)
@@ -394,11 +407,17 @@ async def _run(server: SinkServer) -> None:
             async for signum in signals:
                 seen += 1
                 name = signal.Signals(signum).name
+                extra = {"event": "shutdown", "signal": name, "immediately": seen > 1}
                 if seen == 1:
-                    log.log(level, "%s: shutting down gracefully (again to stop at once)", name)
+                    log.log(
+                        level,
+                        "%s: shutting down gracefully (again to stop at once)",
+                        name,
+                        extra=extra,
+                    )
                     server.shutdown()
                 else:
-                    log.log(level, "%s: stopping now", name)
+                    log.log(level, "%s: stopping now", name, extra=extra)
                     server.shutdown(immediately=True)
 
 
@@ -421,10 +440,10 @@ def _fmt(address: tuple[str, int]) -> str:
 def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     parser = build_parser(prog)
     args = parse_args(parser, argv)  # over --config FILE; handles --print-config
-    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+    configure_logging(args.log_format, level_from_args(args, parser, default_level="info"))
+    if args.log_events:
+        # Events are asked for by name, so they show whatever --log-level says.
+        logging.getLogger(EVENTS_LOGGER).setLevel(logging.INFO)
     config = config_from_args(args)
     try:
         server = SinkServer.from_config(config)
@@ -434,7 +453,8 @@ def main(argv: list[str] | None = None, prog: str = "mailstorm sink") -> int:
     if server.credentials_on_plaintext():
         log.warning(
             "warning: AUTH is offered without TLS: passwords travel in plaintext "
-            "(configure --tls-cert/--tls-key to protect them)"
+            "(configure --tls-cert/--tls-key to protect them)",
+            extra={"event": "auth_without_tls"},
         )
     raise_open_files_limit()
     if args.workers > 1:

@@ -142,6 +142,10 @@ class SinkConfig:
     # ---- LMTP (RFC 2033) ---------------------------------------------------------------------
     #: Speak LMTP instead of SMTP: LHLO, and one reply per recipient at the end of data.
     lmtp: bool = False
+    # ---- logs (``eventlog``) ----------------------------------------------------------------
+    #: Log every session's events (session_start, message_accepted, ...) at INFO to the
+    #: logger ``mailstorm.sink.events`` (``--log-events``; off: nothing per message).
+    log_events: bool = False
 
     def __post_init__(self) -> None:
         for name in ("faults", "delays", "drops"):

@@ -13,6 +13,11 @@ Injected faults are chosen by the core (its ``FaultPlan``); here they become act
 ``SinkStats`` and logged, one INFO line each. ``ThrottledSinkProtocol`` adds the link time of
 ``--throttle`` to every read as a delay before the read is processed.
 
+The session's id (``session_id``, built lazily from a per-process counter) names its queue
+ids, ``<session id>-<n>``, which the stored ``Received:`` header carries. With ``--log-events``
+the session has a ``SessionLog`` (``events``, else None: one ``is None`` check per message is
+all the hot path pays) and each event is logged from here (``eventlog``).
+
 Rules of this module: no I/O but those log lines, no awaiting, no clock, no trio. The SMTP
 protocol itself is the sans-IO core's (``mailstorm.wire.server``); this object turns the core's
 events into actions for a driver and counts them in ``SinkStats``.
@@ -20,10 +25,7 @@ events into actions for a driver and counts them in ``SinkStats``.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, auto
@@ -47,6 +49,7 @@ from mailstorm.wire.replies import Reply
 from mailstorm.wire.server import ServerConnection, SessionPolicy
 
 from .authlimit import AuthFailureLimiter
+from .eventlog import SessionLog, next_session_number, session_id
 from .stats import SinkStats
 from .stores import Store
 from .trace import trace_headers
@@ -89,18 +92,8 @@ class Delivery:
     queue_id: str
 
 
-class _QueueIds:
-    """Short unique queue ids: a per-process prefix and a counter, as Postfix's are short."""
-
-    def __init__(self) -> None:
-        self._prefix = f"{int(time.time()) & 0xFFFFFF:06X}{os.getpid() & 0xFFFF:04X}"
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):06X}"
-
-
-_queue_ids = _QueueIds()
+#: A refused message's reply code, by ``MessageRefused.reason`` (for ``--log-events``).
+_REFUSAL_CODES = {"too big": 552, "bare linefeed": 550}
 
 
 class SinkProtocol:
@@ -113,6 +106,8 @@ class SinkProtocol:
     """
 
     __slots__ = (
+        "_message_number",
+        "_session_id",
         "_stop_reply",
         "auth_attempt",
         "auth_limiter",
@@ -120,10 +115,12 @@ class SinkProtocol:
         "data_to_send",
         "delay",
         "delivery",
+        "events",
         "hostname",
         "lmtp",
         "peer_ip",
         "receive",
+        "session_number",
         "stats",
         "store",
         "tls_cipher",
@@ -165,6 +162,20 @@ class SinkProtocol:
         #: How long an ``Action.DELAY`` asks the driver to wait, in seconds.
         self.delay = 0.0
         self._stop_reply: Reply | None = None
+        # ---- logs (--log-events): the session id, and the event log when asked for -------
+        #: This session's number in the process; ``session_id`` is built from it when needed.
+        self.session_number = next_session_number()
+        self._session_id: str | None = None
+        self._message_number = 0
+        #: The session's event log (``--log-events``; None, the default, logs no events).
+        self.events: SessionLog | None = None
+
+    @property
+    def session_id(self) -> str:
+        """The session's id: in its log lines and in its messages' queue ids."""
+        if self._session_id is None:
+            self._session_id = session_id(self.session_number)
+        return self._session_id
 
     # ---- the step both drivers call ----------------------------------------------------------
 
@@ -175,6 +186,8 @@ class SinkProtocol:
             event = conn.next_event()
             if event is NeedData:
                 if self._stop_reply is not None and not conn.in_transaction:
+                    if self.events is not None:
+                        self.events.ended_because(self.events.stopping or "shutdown")
                     conn.close(self._stop_reply)
                     return Action.CLOSE
                 return Action.RECEIVE
@@ -201,6 +214,8 @@ class SinkProtocol:
             elif kind is StartTLS:
                 return Action.START_TLS
             elif kind is Closed:
+                if self.events is not None:
+                    self.events.closed(conn)
                 return Action.CLOSE
             elif kind is FaultReplied:
                 assert isinstance(event, FaultReplied)
@@ -213,6 +228,11 @@ class SinkProtocol:
                 elif event.point == "EOD":
                     self.stats.messages_refused += 1
                     self.stats.count_refused("fault")
+                if self.events is not None:
+                    if event.code == 421:
+                        self.events.ended_because("fault")
+                    if event.point == "EOD":
+                        self._log_refused(event.code, f"fault {event.why}", None)
             elif kind is Delay:
                 assert isinstance(event, Delay)
                 self._count_fault(event.point, "delay", event.why, f" {event.seconds:g}s")
@@ -221,6 +241,8 @@ class SinkProtocol:
             elif kind is Dropped:
                 assert isinstance(event, Dropped)
                 self._count_fault(event.point, "drop", event.why)
+                if self.events is not None:
+                    self.events.ended_because("fault drop")
                 return Action.CLOSE
             else:  # pragma: no cover - the core has no other events
                 raise AssertionError(f"unexpected event {event!r}")
@@ -238,6 +260,8 @@ class SinkProtocol:
         """The store failed: nothing was kept, the client is told to try later (451; in LMTP,
         a 451 for each recipient the message was to be stored for)."""
         delivery = self.delivery
+        if self.events is not None:
+            self._log_refused(451, "storage failed", None)
         self.delivery = None
         self.stats.storage_failures += 1
         self.stats.messages_refused += 1
@@ -256,8 +280,10 @@ class SinkProtocol:
         """The verdict on ``auth_attempt``: queue the answer (235, 535, or 421 and the end of
         the session once this client address failed too often) and return how long the
         driver must wait before sending it (a delay growing with the address's failures)."""
-        self.auth_attempt = None
+        attempt, self.auth_attempt = self.auth_attempt, None
         limiter = self.auth_limiter
+        if self.events is not None and attempt is not None:
+            self.events.auth(ok, attempt.mechanism, attempt.username)
         self.conn.auth_result(ok)
         if ok:
             self.stats.auth_successes += 1
@@ -269,6 +295,8 @@ class SinkProtocol:
             return 0.0
         if not limiter.record_failure(self.peer_ip):
             self.conn.close(R.too_many_auth_failures(self.hostname))
+            if self.events is not None:
+                self.events.ended_because("too many auth failures")
         return limiter.delay_for(self.peer_ip)
 
     def tls_started(self, version: str | None, cipher: str | None) -> None:
@@ -278,6 +306,8 @@ class SinkProtocol:
         self.tls_cipher = cipher
         self.stats.tls_sessions += 1
         self.conn.tls_started()
+        if self.events is not None:
+            self.events.tls_started(version, cipher)
 
     # ---- time and shutdown, decided by the driver's clock ---------------------------------
 
@@ -300,7 +330,9 @@ class SinkProtocol:
     # ---- internals -------------------------------------------------------------------------
 
     def _delivery(self, event: MessageReceived) -> Delivery:
-        queue_id = _queue_ids.next()
+        # The queue id leads from a stored message's Received header to the session's logs.
+        self._message_number += 1
+        queue_id = f"{self.session_id}-{self._message_number}"
         event.envelope.client_address = self.peer_ip
         trace = b""
         if self.store.keeps_messages:
@@ -317,7 +349,38 @@ class SinkProtocol:
 
     def _count_fault(self, point: str, what: str, why: str, detail: str = "") -> None:
         self.stats.count_fault(point, what)
-        log.info("injected fault: %s %s%s for %s (%s)", point, what, detail, self.peer_ip, why)
+        log.info(
+            "injected fault: %s %s%s for %s (%s)",
+            point,
+            what,
+            detail,
+            self.peer_ip,
+            why,
+            extra={
+                "event": "fault",
+                "session": self.session_id,
+                # The port is the session's to know: session_start has the whole address.
+                "client_ip": self.peer_ip,
+                "point": point,
+                "fault": what,
+                "rule": why,
+            },
+        )
+
+    def _log_refused(self, code: int, reason: str, event: MessageRefused | None) -> None:
+        """``--log-events``: a message was refused (the envelope is the refused one's, or
+        the one being delivered)."""
+        assert self.events is not None
+        delivery = self.delivery
+        envelope = event.envelope if event is not None else None
+        if envelope is None and delivery is not None:
+            envelope = delivery.event.envelope
+        self.events.message_refused(
+            code,
+            reason,
+            envelope.mail_from if envelope is not None else "",
+            len(envelope.rcpt_tos) if envelope is not None else 0,
+        )
 
     def _count_refused(self, event: MessageRefused) -> None:
         """A message refused at its end of data (by policy, or in LMTP by faults for each of
@@ -325,8 +388,10 @@ class SinkProtocol:
         stats = self.stats
         stats.messages_refused += 1
         if event.reason == REFUSED_FOR_EVERY_RECIPIENT:
-            stats.count_refused("fault")
+            stats.count_refused("fault")  # each refusal was logged with its FaultReplied
             return
+        if self.events is not None:
+            self._log_refused(_REFUSAL_CODES.get(event.reason, 554), event.reason, event)
         stats.count_refused(event.reason.replace(" ", "_"))
         if self.lmtp:
             stats.lmtp_recipients_refused += len(event.envelope.rcpt_tos)
@@ -343,6 +408,11 @@ class SinkProtocol:
         if self.lmtp:
             stats.lmtp_recipients_delivered += recipients
         self.conn.message_stored(delivery.queue_id)
+        if self.events is not None:
+            envelope = event.envelope
+            self.events.message_accepted(
+                delivery.queue_id, envelope.mail_from, len(envelope.rcpt_tos), event.content
+            )
 
 
 class ThrottledSinkProtocol(SinkProtocol):

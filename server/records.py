@@ -106,6 +106,22 @@ class MessageRecord:
         return self.envelope.auth_user
 
     @property
+    def queue_id(self) -> str | None:
+        """The sink's queue id of the message (the ``id`` of its ``Received`` header, as in
+        the 250 reply), or None when the record has no trace headers."""
+        match = _parse_received(self.trace)
+        return match["id"] if match else None
+
+    @property
+    def session_id(self) -> str | None:
+        """The id of the session that brought the message: the one in the sink's log lines
+        (``--log-events``), the queue id without its ``-N`` message number."""
+        queue_id = self.queue_id
+        if queue_id is None or "-" not in queue_id:
+            return None
+        return queue_id.rpartition("-")[0]
+
+    @property
     def raw(self) -> bytes:
         """The content as received; for a Maildir record, read from its file (the sink's
         trace headers cut off)."""
@@ -251,9 +267,10 @@ _RECEIVED = re.compile(
     r" by \S+ \(mailstorm\) with (?P<protocol>\S+)"
     r"(?: \((?:version|cipher)=[^)]*\))?"
     r"(?: \(authenticated as (?P<user>(?:\\.|[^()\\])*)\))?"
-    r" id \S+(?: for <(?P<rcpt>.*)>)?; (?P<date>.*)"
+    r" id (?P<id>\S+)(?: for <(?P<rcpt>.*)>)?; (?P<date>.*)"
 )
 _QUOTED_PAIR = re.compile(r"\\(.)")
+
 #: Longest trace line read; the sink's are under 300 octets.
 _MAX_TRACE_LINE = 4096
 
@@ -301,8 +318,7 @@ def _record_from_trace(path: str) -> MessageRecord | None:
             lines.append(line)
             line = file.readline(_MAX_TRACE_LINE)
     return_path = lines[0].decode("utf-8", "replace").rstrip("\r\n")
-    received = b"".join(lines[1:]).decode("utf-8", "replace")
-    m = _RECEIVED.fullmatch(received.replace("\r\n\t", " ").rstrip("\r\n")[len("Received: ") :])
+    m = _parse_received(b"".join(lines))
     if m is None or not return_path.endswith(">"):
         return None
     protocol = m["protocol"]
@@ -322,3 +338,13 @@ def _record_from_trace(path: str) -> MessageRecord | None:
     except (TypeError, ValueError):
         received_at = os.path.getmtime(path)
     return MessageRecord(envelope, trace=b"".join(lines), path=path, received_at=received_at)
+
+
+def _parse_received(trace: bytes) -> re.Match[str] | None:
+    """The clauses of the sink's ``Received`` header in ``trace`` (its ``Return-Path`` line,
+    then the header with its continuation lines), or None if it is not the sink's."""
+    _, found, received = trace.partition(b"\r\nReceived: ")
+    if not found:
+        return None
+    text = received.decode("utf-8", "replace").replace("\r\n\t", " ").rstrip("\r\n")
+    return _RECEIVED.fullmatch(text)

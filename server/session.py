@@ -51,6 +51,7 @@ from mailstorm.wire.server import SessionPolicy
 
 from .authlimit import AuthFailureLimiter
 from .credentials import CredentialStore
+from .eventlog import SessionLog, client_text
 from .protocol import Action, SinkProtocol, ThrottledSinkProtocol
 from .proxy import ProxyPolicy, ReplayStream, receive_proxy_header
 from .stats import SinkStats
@@ -99,6 +100,9 @@ class SinkContext:
     throttle: int = 0
     #: Every connection opens with a PROXY header (None: no PROXY protocol; ``proxy.py``).
     proxy: ProxyPolicy | None = None
+    # ---- logs ----
+    #: Log each session's events (``--log-events``, ``eventlog.SessionLog``).
+    log_events: bool = False
 
 
 class IdleReaper:
@@ -175,6 +179,9 @@ class Session:
             tls=tls,
             auth_limiter=ctx.auth_limiter,
         )
+        if ctx.log_events:
+            protocol = self.protocol
+            protocol.events = SessionLog(protocol.session_id, self.peer_ip, self.peer_port)
         self._scope = trio.CancelScope()
         #: When this session has waited too long (trio clock); watched by ``IdleReaper``.
         self.idle_deadline = math.inf
@@ -211,11 +218,15 @@ class Session:
 
     def time_out(self) -> None:
         """``idle_deadline`` has passed: the session ends with 421 4.4.2."""
+        if self.protocol.events is not None:
+            self.protocol.events.ended_because("timeout")
         self._scope.cancel()
 
     def lifetime_over(self) -> None:
         """``end_deadline`` has passed: the session ends with 421 after its transaction."""
         self.end_deadline = math.inf
+        if self.protocol.events is not None:
+            self.protocol.events.stopping = "session time"
         self.request_stop(R.session_too_long(self.ctx.policy.hostname))
 
     # ---- the session -----------------------------------------------------------------------
@@ -225,10 +236,16 @@ class Session:
         stats = ctx.stats
         stats.sessions_total += 1
         stats.sessions_active += 1
+        events = self.protocol.events
         try:
             with self._scope:
                 if ctx.proxy is not None and not await self._proxy_header(ctx.proxy):
+                    if events is not None:
+                        events.ended_because("PROXY header refused")
                     return
+                if events is not None:
+                    # After any PROXY header: the line names the real client.
+                    events.session_start(self.implicit_tls)
                 now = trio.current_time()
                 self.idle_deadline = now + ctx.command_timeout
                 if ctx.max_session_time > 0:
@@ -237,12 +254,18 @@ class Session:
                     return
                 await self._loop()
             if self._scope.cancelled_caught:
+                if events is not None:
+                    events.ended_because(events.stopping or "shutdown")
                 await self._goodbye()
         except _STREAM_ERRORS as exc:
             # The peer vanished or reset: there is nobody to report to.
             log.debug("session %s:%s ended: %r", self.peer_ip, self.peer_port, exc)
+            if events is not None:
+                events.ended_because("connection lost")
         finally:
             stats.sessions_active -= 1
+            if events is not None:
+                events.session_end("closed")
             stream = self.stream
             if isinstance(stream, SocketTransport):
                 stream.close()  # plain TCP: nothing to say goodbye with, no need to wait
@@ -272,6 +295,8 @@ class Session:
         if header.client is not None:
             self.peer_ip, self.peer_port = header.client
             self.protocol.peer_ip = self.peer_ip
+            if self.protocol.events is not None:
+                self.protocol.events.client = client_text(self.peer_ip, self.peer_port)
         if header.following:
             if self.implicit_tls:
                 self.stream = ReplayStream(self._plain, header.following)
@@ -351,7 +376,17 @@ class Session:
                 )
         except (StoreError, OSError) as exc:
             self.ctx.stats.observe_store(time.perf_counter() - started)
-            log.error("storing message %s failed: %s", delivery.queue_id, exc)
+            log.error(
+                "storing message %s failed: %s",
+                delivery.queue_id,
+                exc,
+                extra={
+                    "event": "store_failed",
+                    "session": protocol.session_id,
+                    "queue_id": delivery.queue_id,
+                    "reason": str(exc),
+                },
+            )
             protocol.delivery_failed()
         else:
             self.ctx.stats.observe_store(time.perf_counter() - started)
@@ -376,13 +411,20 @@ class Session:
                 )
             else:
                 ok = credentials.verify(attempt.username, attempt.password)
-        if not ok:
+        if not ok and protocol.events is None:  # with --log-events the protocol logs it
             # The username is not a secret; the password never appears in a log line.
             log.info(
                 "AUTH %s failed for user %r from %s",
                 attempt.mechanism,
                 attempt.username[:64],
                 self.peer_ip,
+                extra={
+                    "event": "auth_failed",
+                    "session": protocol.session_id,
+                    "client": client_text(self.peer_ip, self.peer_port),
+                    "mechanism": attempt.mechanism,
+                    "user": attempt.username[:64],
+                },
             )
         delay = protocol.auth_checked(ok)
         if delay:
@@ -489,6 +531,8 @@ class Session:
         except trio.BrokenResourceError as exc:
             ctx.stats.tls_failures += 1
             log.debug("TLS handshake with %s failed: %r", self.peer_ip, exc)
+            if self.protocol.events is not None:
+                self.protocol.events.ended_because("TLS handshake failed")
             return False
         self.protocol.tls_started(*_tls_details(tls_stream))
         return True

@@ -194,6 +194,7 @@ class WorkerSupervisor:
                     self.banner,
                     self.count,
                     ", ".join(str(pid) for pid in self.pids),
+                    extra={"event": "listening", "workers": self.count, "pids": self.pids},
                 )
                 if self.metrics_socket is not None:
                     await nursery.start(self._serve_metrics, self.metrics_socket)
@@ -202,7 +203,8 @@ class WorkerSupervisor:
                 nursery.start_soon(self._forward_signals, signals)
                 await self._all_stopped()
                 nursery.cancel_scope.cancel()
-        log.info("stopped: %s", self.totals_line())
+        log.info("stopped: %s", self.totals_line(), extra={"event": "stopped",
+                                                            "counters": self.totals()})
         return 1 if self._failed_exit else 0
 
     def metrics_snapshot(self) -> dict[str, float]:
@@ -234,14 +236,16 @@ class WorkerSupervisor:
     async def _forward_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
+            extra = {"event": "shutdown", "signal": name, "immediately": self.stopping}
             if not self.stopping:
                 log.info(
                     "%s: shutting down %d workers gracefully (again to stop at once)",
                     name,
                     self.count,
+                    extra=extra,
                 )
             else:
-                log.info("%s: stopping the workers now", name)
+                log.info("%s: stopping the workers now", name, extra=extra)
             self.stop()
 
     async def _keep_worker(self, index: int) -> None:
@@ -275,6 +279,8 @@ class WorkerSupervisor:
                     index,
                     process.pid,
                     status,
+                    extra={"event": "worker_failed", "worker": index, "pid": process.pid,
+                           "status": status},
                 )
                 self._failed_exit = True
                 self.stop()
@@ -288,7 +294,12 @@ class WorkerSupervisor:
             while crashes and crashes[0] < now - CRASH_WINDOW:
                 crashes.popleft()
             log.error(
-                "worker %d (pid %d) exited with status %s; restarting", index, process.pid, status
+                "worker %d (pid %d) exited with status %s; restarting",
+                index,
+                process.pid,
+                status,
+                extra={"event": "worker_exited", "worker": index, "pid": process.pid,
+                       "status": status},
             )
             if len(crashes) > CRASH_LIMIT:
                 await trio.sleep(CRASH_BACKOFF)
@@ -325,4 +336,9 @@ class WorkerSupervisor:
             messages = self.totals()["messages"]
             rate = (messages - last_messages) / max(now - last_time, 1e-9)
             last_messages, last_time = messages, now
-            log.info("%s, %.1f msg/s", self.totals_line(), rate)
+            log.info(
+                "%s, %.1f msg/s",
+                self.totals_line(),
+                rate,
+                extra={"event": "stats", "counters": self.totals(), "rate": round(rate, 1)},
+            )

@@ -3,7 +3,8 @@
 #   - swaks (with its TLS modules), curl;
 #   - Postfix, only for its smtp-source/smtp-sink tools: the Postfix MTA is never started;
 #   - chromium, which renders the load generator's HTML report;
-#   - haproxy, which the PROXY protocol tests start on loopback ports (never as a service).
+#   - haproxy, which the PROXY protocol tests start on loopback ports (never as a service);
+#   - jq, which reads the sink's JSON logs in a test.
 # Called by tests/run.sh. POLICY_RC_D names the policy-rc.d file (a test points it elsewhere).
 set -euo pipefail
 
@@ -16,6 +17,7 @@ command -v curl >/dev/null || need+=(curl)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v chromium >/dev/null || need+=(chromium)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || need+=(haproxy)
+command -v jq >/dev/null || need+=(jq)
 [ ${#need[@]} -gt 0 ] || exit 0
 
 echo "installing Debian packages: ${need[*]}"
