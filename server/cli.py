@@ -332,7 +332,6 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         default=0,
         help="per-session debugging lines: --log-level debug (-vv is the same)",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="only errors")
     run.add_argument("-q", "--quiet", action="store_true", help="only errors: --log-level error")
     add_config_options(p)
     return p
