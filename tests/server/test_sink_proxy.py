@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TLSFiles
 from mailstorm.errors import ConfigError
 from mailstorm.sink import Address, SinkConfig, SinkServer, read_maildir
 from mailstorm.sink.cli import main as sink_main
+from mailstorm.sink.eventlog import EVENTS_LOGGER
 from mailstorm.sink.proxy import DEFAULT_PROXY_TIMEOUT, ProxyPolicy, parse_network
 from mailstorm.wire.proxy import MAX_HEADER_SIZE, V2_SIGNATURE
 
@@ -336,3 +338,27 @@ def wait_for_line(path: Path, pattern: str) -> re.Match[str]:
             return found
         assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
         time.sleep(0.05)
+
+
+async def test_the_session_log_names_the_headers_client(
+    start_sink: SinkFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With --log-events, every line of a proxied session names the real client, and the
+    stored message's queue id leads to them."""
+    server = await proxy_sink(start_sink, tmp_path, log_events=True)
+    with caplog.at_level(logging.INFO, logger=EVENTS_LOGGER):
+        client = await SMTPClient.connect(server.addresses[0])
+        try:
+            await client.send(V1_CLIENT)
+            await transaction(client)
+        finally:
+            await client.aclose()
+        with trio.fail_after(TEST_TIMEOUT):
+            while not any(r.__dict__.get("event") == "session_end" for r in caplog.records):
+                await trio.sleep(0.01)
+    [record] = read_maildir(tmp_path)
+    lines = [r for r in caplog.records if r.__dict__.get("session") == record.session_id]
+    assert {r.__dict__["event"] for r in lines} >= {
+        "session_start", "message_accepted", "session_end"
+    }
+    assert {r.__dict__["client"].rsplit(":", 1)[0] for r in lines} == {"192.0.2.7"}
