@@ -48,7 +48,9 @@ SINK_ARGV = [
     "--fault", "EOD:452:every=5", "--fault", "RCPT to=~@reject\\.test:550",
     "--delay", "RCPT:100ms:5%", "--drop", "DATA:1%", "--throttle", "64k",
     "--magic-addresses", "--fault-seed", "7", "--workers", "3", "--stats-interval", "5",
-    "-vv",
+    "-vv", "--metrics-listen", "[::1]:9100", "--proxy-protocol", "--proxy-from", "10.0.0.0/8",
+    "--proxy-from", "::1/128", "--proxy-timeout", "3", "--lmtp", "--log-format", "json",
+    "--log-events",
 ]
 LOAD_ARGV = [
     "smtp://[::1]:2525", "--sessions", "8", "--messages", "100", "--per-connection", "3",
@@ -57,7 +59,8 @@ LOAD_ARGV = [
     "--pipelining", "on", "--chunking", "--chunk-size", "4k", "--starttls", "--auth-mech",
     "login", "--ehlo", "client.test", "--source-address", "127.0.0.2", "--source-address",
     "127.0.0.3", "--no-tls-resume", "--tls-server-name", "mx.test", "--fail-if",
-    "p99(eod)>50ms", "--quiet", "--progress-interval", "3",
+    "p99(eod)>50ms", "--quiet", "--progress-interval", "3", "--metrics-listen", "127.0.0.1:9101",
+    "--log-format", "json", "--log-level", "warning",
 ]
 
 Build = Callable[[], argparse.ArgumentParser]
@@ -359,10 +362,10 @@ def test_workers_get_the_effective_options_once() -> None:
     build = PARSERS["sink"][0]
     args = _parse(build, [*SINK_ARGV, "--listen", "127.0.0.1:0"])
     worker = sink_cli._worker_args(configfile.effective_argv(build(), args), [], [])
-    assert not any(a.startswith(("--workers", "--listen", "--stats-interval", "--config"))
-                   for a in worker)
+    assert not any(a.startswith(("--workers", "--listen", "--stats-interval", "--config",
+                                 "--metrics-listen")) for a in worker)
     # What a worker parses is what the supervisor was configured with (but its own options).
-    own = ("listen", "tls_listen", "workers", "stats_interval")
+    own = ("listen", "tls_listen", "workers", "stats_interval", "metrics_listen")
     parsed = _parse(build, worker)
     assert {k: v for k, v in _options(parsed).items() if k not in own} == {
         k: v for k, v in _options(args).items() if k not in own
