@@ -400,7 +400,8 @@ async def _run(server: SinkServer) -> None:
                 },
             )
             if server.metrics_address is not None:
-                log.info("metrics at http://%s/metrics", server.metrics_address)
+                url = f"http://{server.metrics_address}/metrics"
+                log.info("metrics at %s", url, extra={"event": "metrics_listening", "url": url})
             level = logging.DEBUG if server.config.report_interval > 0 else logging.INFO
             seen = 0
             async for signum in signals:

@@ -219,7 +219,8 @@ class WorkerSupervisor:
 
         async with trio.open_nursery() as nursery:
             address = await nursery.start(serve_metrics, sock, sink_registry(self.metrics_snapshot))
-            log.info("metrics at http://%s/metrics", address)
+            url = f"http://{address}/metrics"
+            log.info("metrics at %s", url, extra={"event": "metrics_listening", "url": url})
             task_status.started()
 
     def stop(self) -> None:
