@@ -1,14 +1,16 @@
 """SMTP phases as Locust request events: names, times, sizes and failures with their reply code.
 
 This module owns how one SMTP conversation shows in Locust's statistics: one request event per
-timed reply (``connect``, ``TLS``, ``banner``, ``EHLO``, ``STARTTLS``, ``AUTH``, ``MAIL``,
-``RCPT``, ``DATA``, ``BDAT``, ``end of data``, ``RSET``, ``QUIT``), all with
+timed reply (``connect``, ``TLS``, ``banner``, ``EHLO`` (``LHLO`` in LMTP), ``STARTTLS``,
+``AUTH``, ``MAIL``, ``RCPT``, ``DATA``, ``BDAT``, ``end of data``, ``RSET``, ``QUIT``), all with
 ``request_type="SMTP"``; with pipelining the MAIL, RCPT and DATA replies of one write are one
 event (``MAIL+RCPT+DATA``), as ``mailstorm load`` measures them. A refused reply is a failure
 whose error is the reply itself (``550 5.1.1 ...``, prefixed by its phase inside a pipelined
 group), so Locust's failure table groups by code. ``end of data`` carries the message size as
 ``response_length`` and is a success only for a 2xx: Locust's count of successful
-``end of data`` requests is the number of messages the server accepted.
+``end of data`` requests is the number of messages the server accepted. In LMTP (RFC 2033)
+the end of data gets one reply per accepted recipient, each a delivery to one mailbox, and
+each is one ``end of data`` request: the count is then of deliveries (recipients).
 
 It never imports locust or gevent (the caller passes the function that fires an event, so this
 is testable without monkey-patching a process), never does I/O and never decides anything about
@@ -90,6 +92,8 @@ class PhaseReporter:
         self.message_size = 0
         #: ``DATA`` or ``BDAT``: the last command of a pipelined group.
         self.content_verb = "DATA"
+        #: ``EHLO`` or, for an LMTP session, ``LHLO``: the name of the greeting's event.
+        self.hello_verb = "EHLO"
         self._group: list[PhaseDone] = []
 
     @property
@@ -107,9 +111,11 @@ class PhaseReporter:
             self._group.append(event)
             return
         self.flush()
-        length = self.message_size if event.phase == "eod" else 0
+        phase = event.phase
+        length = self.message_size if phase == "eod" else 0
         error = None if event.ok else SMTPReplyError(event.reply)
-        self._emit(PHASE_NAMES.get(event.phase, event.phase), event.elapsed, length, error)
+        name = self.hello_verb if phase == "ehlo" else PHASE_NAMES.get(phase, phase)
+        self._emit(name, event.elapsed, length, error)
 
     def timed(self, phase: str, seconds: float) -> None:
         self._emit(PHASE_NAMES.get(phase, phase), seconds, 0, None)

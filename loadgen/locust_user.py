@@ -263,6 +263,8 @@ class SMTPUser(User):
         self.reporter = PhaseReporter(environment.events.request.fire)
         if settings.chunking:
             self.reporter.content_verb = "BDAT"
+        if self.target.lmtp:
+            self.reporter.hello_verb = "LHLO"
         self.backoff_range = settings.backoff_range
         self.session: BlockingSession | None = None
         #: Messages sent on the current connection.

@@ -131,6 +131,21 @@ def level_from_args(
     return LEVELS[default_level]
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, as logging's own
+    last-resort handler does: a ``main`` run in-process (by a test) must not leave behind a
+    handler bound to a stream that is closed later (pytest's capture), which a thread still
+    logging (aiosmtpd's, in the load generator's tests) would then write to."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # StreamHandler.__init__ sets it; the property decides
+
+
 def configure_logging(
     log_format: str,
     level: int,
@@ -144,7 +159,9 @@ def configure_logging(
     lines) and leaves any other alone (pytest's, when a test calls a ``main`` in-process).
     Returns the handler.
     """
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
+    )
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -193,7 +193,7 @@ class SmtpSink:
 
 
 @pytest.fixture
-def smtp_sink(tmp_path: Path) -> Iterator[Callable[..., SmtpSink]]:
+def postfix_smtp_sink(tmp_path: Path) -> Iterator[Callable[..., SmtpSink]]:
     if not Path(SMTP_SINK).exists():
         pytest.skip(f"Postfix smtp-sink not installed ({SMTP_SINK}; Debian package postfix)")
     started: list[SmtpSink] = []

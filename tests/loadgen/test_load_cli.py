@@ -90,9 +90,9 @@ def test_unresolvable_host_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_json_report_is_complete_and_fail_if_sets_the_status(
-    smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    postfix_smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     report_path = tmp_path / "run.json"
     argv = [
         f"127.0.0.1:{sink.port}",
@@ -154,9 +154,9 @@ def test_json_report_is_complete_and_fail_if_sets_the_status(
 
 
 def test_procs_merge_exactly(
-    smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    postfix_smtp_sink: Callable[..., Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     report_path = tmp_path / "procs.json"
     status = main(
         [
@@ -194,9 +194,9 @@ def test_procs_merge_exactly(
 
 
 def test_progress_lines_without_a_terminal(
-    smtp_sink: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+    postfix_smtp_sink: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     status = main(
         [
             f"127.0.0.1:{sink.port}",
@@ -216,10 +216,12 @@ def test_progress_lines_without_a_terminal(
     assert "delivered" in err and "msg/s" in err and "\x1b[" not in err
 
 
-def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path: Path) -> None:
+def test_html_report_renders_in_chromium(
+    postfix_smtp_sink: Callable[..., Any], tmp_path: Path
+) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium not installed (Debian package chromium)")
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     html_path = tmp_path / "report.html"
     assert (
         main(
@@ -272,14 +274,14 @@ def test_html_report_renders_in_chromium(smtp_sink: Callable[..., Any], tmp_path
     assert "Drawn once: mail = rcpt = data" in page
 
 
-def test_a_run_that_delivers_nothing_exits_3(smtp_sink: Callable[..., Any]) -> None:
+def test_a_run_that_delivers_nothing_exits_3(postfix_smtp_sink: Callable[..., Any]) -> None:
     """A server that is up but takes nothing fails the run even without --fail-if (exit
     status 3). (A server that is down does not get a run: exit status 4, see
     test_load_failing_targets.)"""
     import subprocess
     import sys
 
-    sink = smtp_sink("-Q", "MAIL")  # every MAIL gets a 421 and the connection closes
+    sink = postfix_smtp_sink("-Q", "MAIL")  # every MAIL gets a 421 and the connection closes
     result = subprocess.run(
         [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{sink.port}", "--sessions", "2",
          "--messages", "4", "--quiet"],
@@ -323,12 +325,12 @@ def test_options_reach_the_config_through_its_fields() -> None:
 
 
 def test_a_closed_stdout_keeps_the_status_and_the_reports(
-    smtp_sink: Callable[..., Any], tmp_path: Path
+    postfix_smtp_sink: Callable[..., Any], tmp_path: Path
 ) -> None:
     """`mailstorm load ... | head` (issue 15, item 6): the reader goes away before the table;
     the run still exits with its own status, silently, and writes its reports (rich's default
     was exit status 1, before the reports)."""
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     json_path = tmp_path / "r.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "mailstorm.load", f"127.0.0.1:{sink.port}", "--sessions", "2",

@@ -186,9 +186,9 @@ async def test_the_run_connects_where_the_probe_did_without_resolving_again(
 
 
 def test_the_server_sees_the_probe_and_the_runs_connections_only(
-    smtp_sink: Callable[..., Any], tmp_path: Path
+    postfix_smtp_sink: Callable[..., Any], tmp_path: Path
 ) -> None:
-    sink = smtp_sink()  # its fixture's own readiness check is its first session
+    sink = postfix_smtp_sink()  # its fixture's own readiness check is its first session
     json_path = tmp_path / "r.json"
     argv = [f"127.0.0.1:{sink.port}", "--sessions", "3", "--messages", "12", "-q"]
     assert main([*argv, "--json", str(json_path)]) == 0

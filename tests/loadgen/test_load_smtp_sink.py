@@ -27,9 +27,9 @@ async def counted(sink: Any, expected: int) -> int:
 
 
 async def test_closed_loop_count_matches(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     stats = await run(load_config(sink.port, sessions=50, messages=2000))
     assert stats.delivered == 2000 and stats.errors == 0
     assert await counted(sink, 2000) == 2000
@@ -39,18 +39,18 @@ async def test_closed_loop_count_matches(
 
 
 async def test_connection_rate_mode(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     stats = await run(load_config(sink.port, sessions=10, messages=200, per_connection=1))
     assert stats.delivered == 200 and stats.connections == 200
     assert await counted(sink, 200) == 200
 
 
 async def test_open_loop_count(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     stats = await run(load_config(sink.port, sessions=20, rate=200.0, duration=1.5, ramp_up=0.5))
     # 200/s for 1.5 s after a 0.5 s ramp: 50 during the ramp, then 200 more.
     assert stats.attempted == 250
@@ -59,9 +59,9 @@ async def test_open_loop_count(
 
 
 async def test_lmtp_mode(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink("-L")
+    sink = postfix_smtp_sink("-L")
     stats = await run(load_config(sink.port, sessions=5, messages=100, rcpts=2, lmtp=True))
     assert stats.delivered == 100 and stats.errors == 0
     assert stats.phases.by_phase["eod"].get_total_count() == 200
@@ -69,9 +69,9 @@ async def test_lmtp_mode(
 
 
 async def test_auth_and_size_mix(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink()
+    sink = postfix_smtp_sink()
     config = load_config(
         sink.port,
         sessions=4,
@@ -88,9 +88,9 @@ async def test_auth_and_size_mix(
 
 
 async def test_soft_rejections_are_counted(
-    smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
+    postfix_smtp_sink: Callable[..., Any], load_config: Callable[..., LoadConfig]
 ) -> None:
-    sink = smtp_sink("-r", "RCPT")
+    sink = postfix_smtp_sink("-r", "RCPT")
     stats = await run(load_config(sink.port, sessions=2, messages=10))
     assert stats.delivered == 0 and stats.failed == 10
     assert stats.errors_by_kind["4xx"] == 10

@@ -41,13 +41,15 @@ def locust_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args]
 
 
-def run_headless(sink: SinkThread, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_headless(
+    sink: SinkThread, out: Path, *args: str, scheme: str = "smtp"
+) -> subprocess.CompletedProcess[str]:
     """One headless Locust process against ``sink`` for 3 s; CSV files at ``out``_*.csv."""
     return subprocess.run(
         locust_command(
             "--headless",
             "--host",
-            f"smtp://{sink.host}:{sink.port}",
+            f"{scheme}://{sink.host}:{sink.port}",
             "--run-time",
             "3s",
             "--csv",
@@ -182,6 +184,22 @@ def test_headless_run_counts_what_the_sink_stored(tmp_path: Path) -> None:
     # The workload options reached the users: two recipients from the template, both sizes.
     assert all(len(r.rcpt_tos) == 2 and r.rcpt_tos[1].endswith("-2@rcpt.test") for r in records)
     assert {round(len(r.raw) / 1024) for r in records} == {1, 4}  # headers vary a little
+
+
+def test_lmtp_host_against_an_lmtp_sink(tmp_path: Path) -> None:
+    """``--host lmtp://``: LHLO, and an ``end of data`` request per recipient's reply (RFC
+    2033: each is a delivery to one mailbox), for the one message the sink stores."""
+    maildir = tmp_path / "mail"
+    out = tmp_path / "run"
+    with SinkThread(store=f"maildir:{maildir}", lmtp=True) as sink:
+        done = run_headless(sink, out, "-u", "2", "-r", "2", "--rcpts", "3", scheme="lmtp")
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = sink.messages
+    stats = read_stats(out)
+    assert "LHLO" in stats, stats
+    assert successes(stats) == 3 * stored(maildir) > 0
+    assert all(v["failures"] == 0 for v in stats.values()), stats
+    assert all(len(r.rcpt_tos) == 3 and b"with LMTP" in r.trace for r in records)
 
 
 def test_refused_recipients_and_messages_show_with_their_codes(tmp_path: Path) -> None:
