@@ -7,7 +7,9 @@ side by side.
 from __future__ import annotations
 
 import base64
+import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +177,18 @@ class TaskSteps(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name.endswith(self.suffix):
             self.steps += 1
+
+
+#: How long a test waits for a line from a process it started (the machines are shared).
+OUTPUT_TIMEOUT = 60.0
+
+
+def wait_for_output(path: Path, pattern: str, timeout: float = OUTPUT_TIMEOUT) -> re.Match[str]:
+    """Wait until the file a process writes its output to has a match for ``pattern``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(pattern, path.read_text())
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
+        time.sleep(0.05)

@@ -19,13 +19,13 @@ import smtplib
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
+from conftest import wait_for_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -375,14 +375,6 @@ def test_workers_get_the_effective_options_once() -> None:
 # --- real runs on loopback ---------------------------------------------------------------
 
 
-def _wait_for(path: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 def _start_sink(tmp_path: Path, config: str) -> tuple[subprocess.Popen[bytes], Path, int]:
@@ -396,7 +388,7 @@ def _start_sink(tmp_path: Path, config: str) -> tuple[subprocess.Popen[bytes], P
             cwd=tmp_path, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     try:
-        port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
     except BaseException:
         _stop(sink)
         raise
@@ -456,7 +448,7 @@ def test_workers_from_a_file(tmp_path: Path) -> None:
         'hostname = "workers.test"\n',
     )
     try:
-        _wait_for(log, r"2 workers serving")
+        wait_for_output(log, r"2 workers serving")
         _send(port)
         stored = next((tmp_path / "mail" / "new").iterdir()).read_text()
         assert "workers.test" in stored

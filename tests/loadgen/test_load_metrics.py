@@ -7,7 +7,6 @@ To scrape a finished run deterministically, the sink holds its answer to QUIT (`
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_output
 from prometheus_client.parser import text_string_to_metric_families
 
 PROCESS_TIMEOUT = 30.0
@@ -26,14 +26,6 @@ PROCESS_TIMEOUT = 30.0
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
-def _wait_for(path: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -71,8 +63,8 @@ def _sink(tmp_path: Path, *args: str, quit_delay: str = "3s") -> Iterator[tuple[
     log = tmp_path / "sink.txt"
     with _process(log, "sink", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                   "--delay", f"QUIT:{quit_delay}", *args) as sink:
-        smtp = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        metrics = int(_wait_for(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        smtp = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        metrics = int(wait_for_output(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
         yield smtp, metrics
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(timeout=PROCESS_TIMEOUT) == 0
@@ -83,7 +75,7 @@ def test_a_run_exports_live_counters_that_match_the_sink(tmp_path: Path) -> None
         log = tmp_path / "load.txt"
         with _process(log, "load", f"127.0.0.1:{smtp}", "--messages", "10", "--sessions", "1",
                       "--metrics-listen", "127.0.0.1:0", "-q") as load:
-            port = int(_wait_for(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+            port = int(wait_for_output(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
             seen: list[float] = []
             deadline = time.monotonic() + PROCESS_TIMEOUT
             while True:  # until every message is answered (the sink then holds the QUIT)
@@ -125,7 +117,7 @@ def test_procs_export_the_sum_over_worker_processes(tmp_path: Path) -> None:
         log = tmp_path / "load.txt"
         with _process(log, "load", f"127.0.0.1:{smtp}", "--messages", "20", "--sessions", "2",
                       "--procs", "2", "--metrics-listen", "127.0.0.1:0", "-q") as load:
-            port = int(_wait_for(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+            port = int(wait_for_output(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
             deadline = time.monotonic() + PROCESS_TIMEOUT
             while True:
                 m, _ = scrape(port)

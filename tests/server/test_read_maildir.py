@@ -4,18 +4,16 @@ embedded sink or ``mailstorm sink --workers N`` wrote it."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import TEST_TIMEOUT, TLSFiles
+from conftest import TEST_TIMEOUT, TLSFiles, wait_for_output
 
 from mailstorm.sink import open_sink, read_maildir
 
@@ -78,14 +76,6 @@ def test_files_without_the_sinks_trace_are_skipped(tmp_path: Path) -> None:
     assert read_maildir(tmp_path) == []
 
 
-def _wait_for_line(path: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + TEST_TIMEOUT
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
@@ -101,7 +91,7 @@ def test_records_of_a_sink_with_workers(tmp_path: Path) -> None:
             stderr=stderr, start_new_session=True,
         )
     try:
-        port = int(_wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
         for n in range(20):
             with smtplib.SMTP("127.0.0.1", port, timeout=TEST_TIMEOUT) as client:
                 client.sendmail(f"s{n}@example.test", ["r@example.test"], RAW)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import smtplib
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles
+from conftest import TEST_TIMEOUT, SMTPClient, TLSFiles, wait_for_output
 
 from mailstorm.sink import Address, ConfigError, SinkConfig, SinkServer
 from mailstorm.sink.workers import WorkerSupervisor
@@ -429,8 +428,8 @@ def test_every_worker_injects_the_faults(tmp_path: Path) -> None:
             stderr=stderr, start_new_session=True,
         )
     try:
-        port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        _wait_for(log, r"2 workers serving")
+        port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        wait_for_output(log, r"2 workers serving")
         for i in range(10):
             with smtplib.SMTP("127.0.0.1", port, timeout=TEST_TIMEOUT) as smtp:
                 with pytest.raises(smtplib.SMTPDataError) as refused:
@@ -441,16 +440,8 @@ def test_every_worker_injects_the_faults(tmp_path: Path) -> None:
         sink.wait(timeout=60)
     assert sink.returncode == 0, log.read_text()
     # The supervisor's final line sums the workers' counters.
-    stopped = _wait_for(log, r"stopped: 2 workers: .*").group(0)
+    stopped = wait_for_output(log, r"stopped: 2 workers: .*").group(0)
     assert "messages 0," in stopped
     assert "faults EHLO delay x10, EOD 452 x10" in stopped, stopped
 
 
-def _wait_for(path: Path, pattern: str, timeout: float = 60.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)

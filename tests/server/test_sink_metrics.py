@@ -4,7 +4,6 @@ parsed with prometheus-client's own parser, and exact counts."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
 import socket
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_output
 from prometheus_client.parser import text_string_to_metric_families
 
 PROCESS_TIMEOUT = 30.0
@@ -35,8 +35,8 @@ def _sink(tmp_path: Path, *args: str) -> Iterator[tuple[int, int, Path]]:
             stderr=stderr, start_new_session=True,
         )
     try:
-        smtp_port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        metrics_port = int(_wait_for(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        smtp_port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        metrics_port = int(wait_for_output(log, r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
         yield smtp_port, metrics_port, log
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(timeout=PROCESS_TIMEOUT) == 0
@@ -46,14 +46,6 @@ def _sink(tmp_path: Path, *args: str) -> Iterator[tuple[int, int, Path]]:
             sink.wait()
 
 
-def _wait_for(path: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

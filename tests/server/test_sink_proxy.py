@@ -8,19 +8,17 @@ import contextlib
 import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TLSFiles
+from conftest import TEST_TIMEOUT, SinkFactory, SMTPClient, TLSFiles, wait_for_output
 
 from mailstorm.errors import ConfigError
 from mailstorm.sink import Address, SinkConfig, SinkServer, read_maildir
@@ -313,15 +311,15 @@ def test_workers_sum_the_proxy_counters(tmp_path: Path) -> None:
             start_new_session=True,
         )  # fmt: skip
     try:
-        port = int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        wait_for_line(log, r"2 workers serving")
+        port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        wait_for_output(log, r"2 workers serving")
         for _ in range(3):  # 127.0.0.1 is not in 10.0.0.0/8: each is dropped unread
             with socket.create_connection(("127.0.0.1", port), timeout=TEST_TIMEOUT) as sock:
                 sock.sendall(V1_CLIENT)
                 # Closed with the header unread: a reset, which is as closed.
                 with contextlib.suppress(ConnectionResetError):
                     assert sock.recv(100) == b""
-        wait_for_line(log, r"PROXY refused 3\b")
+        wait_for_output(log, r"PROXY refused 3\b")
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(timeout=TEST_TIMEOUT) == 0
     finally:
@@ -330,14 +328,6 @@ def test_workers_sum_the_proxy_counters(tmp_path: Path) -> None:
             sink.wait()
 
 
-def wait_for_line(path: Path, pattern: str) -> re.Match[str]:
-    deadline = time.monotonic() + TEST_TIMEOUT
-    while True:
-        found = re.search(pattern, path.read_text())
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 async def test_the_session_log_names_the_headers_client(

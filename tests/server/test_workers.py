@@ -9,22 +9,14 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_output
 
 PROCESS_TIMEOUT = 30.0
 
 
-def _wait_for(path: Path, pattern: str, timeout: float = PROCESS_TIMEOUT) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m:
-            return m
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{path.read_text()}"
-        time.sleep(0.05)
 
 
 def _send(port: int, n: int) -> None:
@@ -44,8 +36,8 @@ def test_workers_share_the_port_survive_a_crash_and_stop_cleanly(tmp_path: Path)
             stderr=stderr, start_new_session=True,
         )
     try:
-        port = int(_wait_for(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        pids = [int(p) for p in _wait_for(log, r"2 workers serving \(pids (\d+), (\d+)\)")
+        port = int(wait_for_output(log, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        pids = [int(p) for p in wait_for_output(log, r"2 workers serving \(pids (\d+), (\d+)\)")
                 .groups()]
         _send(port, 40)
         names = os.listdir(maildir / "new")
@@ -58,11 +50,11 @@ def test_workers_share_the_port_survive_a_crash_and_stop_cleanly(tmp_path: Path)
         assert len({q[:7] for q in queue_ids}) == 2
 
         # Counters travel in periodic reports: a killed worker keeps what it last reported.
-        _wait_for(log, r"messages 40, ")
+        wait_for_output(log, r"messages 40, ")
         os.kill(pids[0], signal.SIGKILL)
-        _wait_for(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
+        wait_for_output(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
         _send(port, 10)
-        _wait_for(log, r"messages 50, .*worker restarts 1")
+        wait_for_output(log, r"messages 50, .*worker restarts 1")
 
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(timeout=PROCESS_TIMEOUT) == 0
@@ -112,10 +104,10 @@ def test_stopping_while_a_worker_restarts_is_a_clean_stop(tmp_path: Path) -> Non
             stderr=stderr, start_new_session=True,
         )
     try:
-        pids = [int(p) for p in _wait_for(log, r"2 workers serving \(pids (\d+), (\d+)\)")
+        pids = [int(p) for p in wait_for_output(log, r"2 workers serving \(pids (\d+), (\d+)\)")
                 .groups()]
         os.kill(pids[0], signal.SIGKILL)
-        _wait_for(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
+        wait_for_output(log, rf"worker 0 \(pid {pids[0]}\) exited with status -9; restarting")
         sink.send_signal(signal.SIGTERM)  # the replacement is most likely still starting
         assert sink.wait(timeout=PROCESS_TIMEOUT) == 0, log.read_text()
     finally:
