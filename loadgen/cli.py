@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm load") -> int:
 
 
 def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int) -> int:
-    from mailstorm.load.report import build_report, render_table, write_json
+    from mailstorm.load.report import build_report, render_table, write_report_files
 
     fail_if_result = None
     failed_gate = False
@@ -653,14 +653,7 @@ def _report(config: LoadConfig, stats: RunStats, started_at: float, status: int)
     )
     console = _ClosedPipeTolerantConsole(highlight=False)
     render_table(report, console)
-    if config.json_path:
-        write_json(report, config.json_path)
-        console.print(f"JSON report written to {config.json_path}", markup=False, soft_wrap=True)
-    if config.html_path:
-        from mailstorm.load.htmlreport import write_html
-
-        write_html(report, config.html_path)
-        console.print(f"HTML report written to {config.html_path}", markup=False, soft_wrap=True)
+    write_report_files(report, console, config.json_path, config.html_path)
     if status:
         return status
     if failed_gate:

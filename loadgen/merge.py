@@ -80,7 +80,7 @@ from mailstorm.load.report import (
     phase_summary,
     render_table,
     timeline_rows,
-    write_json,
+    write_report_files,
 )
 from mailstorm.load.stats import (
     ERROR_KINDS,
@@ -592,14 +592,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mailstorm report merge")
         note = merged["totals"].get(key) or merged.get(key)
         if note:
             console.print(f"note: {note}", markup=False, soft_wrap=True)
-    if args.json_path:
-        write_json(merged, args.json_path)
-        console.print(f"JSON report written to {args.json_path}", markup=False, soft_wrap=True)
-    if args.html_path:
-        from mailstorm.load.htmlreport import write_html
-
-        write_html(merged, args.html_path)
-        console.print(f"HTML report written to {args.html_path}", markup=False, soft_wrap=True)
+    write_report_files(merged, console, args.json_path, args.html_path)
     return 1 if failed_gate else 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "phase_summary",
     "render_table",
     "write_json",
+    "write_report_files",
 ]
 
 #: The percentiles every phase reports, and their JSON key suffixes.
@@ -255,6 +256,20 @@ SATURATED_LAG_MS = 10
 
 def write_json(report: dict[str, Any], path: str) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_report_files(
+    report: dict[str, Any], console: Console, json_path: str | None, html_path: str | None
+) -> None:
+    """Write ``--json`` and ``--html`` (those given) and say on ``console`` where they went."""
+    if json_path:
+        write_json(report, json_path)
+        console.print(f"JSON report written to {json_path}", markup=False, soft_wrap=True)
+    if html_path:
+        from mailstorm.load.htmlreport import write_html  # its template only when asked for
+
+        write_html(report, html_path)
+        console.print(f"HTML report written to {html_path}", markup=False, soft_wrap=True)
 
 
 def _fmt_ms(value: float) -> str:
