@@ -9,6 +9,7 @@ or ``--procs`` runner, the live display, the final table, the JSON and HTML repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -393,6 +394,8 @@ MAX_PORT = 65535
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """Validate the parsed options; raises ConfigError, WorkloadError or FailIfError."""
     target = parse_target(args.target, args.port)
+    if args.lmtp and not (target.lmtp or target.implicit_tls):
+        target = dataclasses.replace(target, lmtp=True)  # the report then says lmtp://
     size_mix = parse_size_mix(args.size)
     if args.eml and args.size != "1k":
         raise ConfigError("--eml and --size exclude each other")

@@ -248,7 +248,7 @@ def build_parser(prog: str = "mailstorm sink") -> argparse.ArgumentParser:
         help="reply a failure instead of the usual answer: POINT[ COND...]:REPLY[:TRIGGER], "
         "e.g. 'RCPT:450 4.2.0 mailbox busy:10%%', 'RCPT to=~@reject\\.test:550', "
         "'MAIL from=bounce@*:451', 'EHLO:421' (421 closes), 'EOD:452:every=5' (the message "
-        "is not stored). POINT: BANNER, HELO, EHLO, MAIL, RCPT, DATA, EOD or another verb",
+        "is not stored). POINT: BANNER, HELO, EHLO, LHLO, MAIL, RCPT, DATA, EOD or another verb",
     )
     faults.add_argument(
         "--delay",
