@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from mailstorm.metrics_http import parse_metrics_address
 from mailstorm.wire.events import Envelope
 
 from .app import SinkServer
@@ -76,7 +77,8 @@ class NoRecords(SinkError):
 def sink_config(*, faults: Iterable[str] = (), **sink_options: Any) -> SinkConfig:
     """The ``SinkConfig`` of an embedded sink: ``sink_options`` are its fields, with a free
     port on 127.0.0.1 unless ``listen`` says otherwise (``"HOST:PORT"`` strings are accepted
-    in ``listen`` and ``tls_listen``); ``faults`` goes to the ``faults`` field when given.
+    in ``listen``, ``tls_listen`` and ``metrics_listen``); ``faults`` goes to the ``faults``
+    field when given.
 
     Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value.
     """
@@ -85,6 +87,8 @@ def sink_config(*, faults: Iterable[str] = (), **sink_options: Any) -> SinkConfi
             sink_options[name] = tuple(
                 parse_address(a) if isinstance(a, str) else a for a in sink_options[name]
             )
+    if isinstance(sink_options.get("metrics_listen"), str):
+        sink_options["metrics_listen"] = parse_metrics_address(sink_options["metrics_listen"])
     sink_options.setdefault("listen", (Address("127.0.0.1", 0),))
     if isinstance(faults, str):
         raise TypeError(f"faults is a list of fault specs: faults=[{faults!r}]")
@@ -123,6 +127,12 @@ class Sink:
     def stats(self) -> SinkStats:
         """The server's live counters (sessions, messages, refusals...)."""
         return self.server.stats
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where ``/metrics`` is served (``metrics_listen``), else None."""
+        address = self.server.metrics_address
+        return None if address is None else f"http://{address}/metrics"
 
     @property
     def messages(self) -> list[MessageRecord]:
@@ -351,6 +361,10 @@ class SinkThread:
     @property
     def stats(self) -> SinkStats:
         return self.sink.stats
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.sink.metrics_url
 
     @property
     def messages(self) -> list[MessageRecord]:

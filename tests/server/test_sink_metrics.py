@@ -20,6 +20,8 @@ import pytest
 from conftest import wait_for_output
 from prometheus_client.parser import text_string_to_metric_families
 
+from mailstorm.sink import SinkThread
+
 PROCESS_TIMEOUT = 30.0
 BODY = "Subject: metrics\r\n\r\nhello\r\n"
 
@@ -245,3 +247,14 @@ def test_counters_the_exporter_does_not_know_are_exported_under_their_own_name()
     assert families["mailstorm_sink_proxy_headers_refused"].samples[0].value == 3
     assert families["mailstorm_sink_lmtp_rcpt_replies"].type == "unknown"
     assert families["mailstorm_sink_lmtp_rcpt_replies"].samples[0].value == 2
+
+
+def test_an_embedded_sink_serves_metrics_from_an_address_string() -> None:
+    """``SinkThread(metrics_listen="HOST:PORT")``: the same endpoint for a test's own sink."""
+    with SinkThread(metrics_listen="127.0.0.1:0") as sink:
+        url = sink.metrics_url
+        assert url is not None and url.startswith("http://127.0.0.1:")
+        with smtplib.SMTP(sink.host, sink.port, timeout=PROCESS_TIMEOUT) as client:
+            client.sendmail("a@example.test", ["b@example.test"], BODY)
+        samples = scrape(int(url.rsplit(":", 1)[1].split("/")[0]))
+    assert samples["mailstorm_sink_messages_received_total"][()] == 1
