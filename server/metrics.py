@@ -81,6 +81,19 @@ _FAULTS = _Family(
     CounterMetricFamily,
     ("point", "kind"),
 )
+_PROXY = _Family(
+    "proxy_headers",
+    "PROXY protocol headers (--proxy-protocol), by result: accepted, or the reason the "
+    "connection was closed (untrusted, malformed, truncated, oversize, timeout)",
+    CounterMetricFamily,
+    ("result",),
+)
+_LMTP_RECIPIENTS = _Family(
+    "lmtp_recipients",
+    "LMTP (--lmtp) recipients answered at the end of data, by result (delivered, refused)",
+    CounterMetricFamily,
+    ("result",),
+)
 _UPTIME = _Family("uptime_seconds", "seconds since the sink started", GaugeMetricFamily)
 _WORKERS = _Family("workers", "sink worker processes (--workers)", GaugeMetricFamily)
 _RESTARTS = _Family(
@@ -101,6 +114,14 @@ _KNOWN: dict[str, tuple[_Family, tuple[str, ...]]] = {
     "uptime": (_UPTIME, ()),
     "workers": (_WORKERS, ()),
     "worker_restarts": (_RESTARTS, ()),
+    "proxy_accepted": (_PROXY, ("accepted",)),
+    "proxy_refused_untrusted": (_PROXY, ("untrusted",)),
+    "proxy_refused_malformed": (_PROXY, ("malformed",)),
+    "proxy_refused_truncated": (_PROXY, ("truncated",)),
+    "proxy_refused_oversize": (_PROXY, ("oversize",)),
+    "proxy_refused_timeout": (_PROXY, ("timeout",)),
+    "lmtp_recipients_delivered": (_LMTP_RECIPIENTS, ("delivered",)),
+    "lmtp_recipients_refused": (_LMTP_RECIPIENTS, ("refused",)),
 }
 #: Keys given in another form: ``messages_refused`` and ``storage_failures`` are the sum and
 #: a part of ``refused.*``; ``sessions_refused`` is split by limit; ``faults_*`` are the sums

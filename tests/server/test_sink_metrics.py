@@ -258,3 +258,41 @@ def test_an_embedded_sink_serves_metrics_from_an_address_string() -> None:
             client.sendmail("a@example.test", ["b@example.test"], BODY)
         samples = scrape(int(url.rsplit(":", 1)[1].split("/")[0]))
     assert samples["mailstorm_sink_messages_received_total"][()] == 1
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    return received
+
+
+def test_proxy_headers_and_lmtp_recipients_are_counted(tmp_path: Path) -> None:
+    """A proxied LMTP transaction (two recipients delivered, one refused at the end of data)
+    and a malformed PROXY header, each under its own labelled counter."""
+    with _sink(tmp_path, "--lmtp", "--proxy-protocol", "--fault", "EOD to=full@*:452") as (
+        port, mport, _
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT) as sock:
+            sock.sendall(
+                b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 24\r\nLHLO client.test\r\n"
+                b"MAIL FROM:<a@example.com>\r\nRCPT TO:<ok1@example.com>\r\n"
+                b"RCPT TO:<ok2@example.com>\r\nRCPT TO:<full@example.com>\r\nDATA\r\n"
+            )
+            received = b""
+            while b"\r\n354 " not in received:
+                received += sock.recv(65536)
+            sock.sendall(BODY.encode() + b".\r\nQUIT\r\n")
+            replies = _until_closed(sock)
+        assert replies.count(b"\r\n250 ") + replies.startswith(b"250 ") == 2
+        assert b"452 " in replies
+        with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT) as sock:
+            sock.sendall(b"PROXY NONSENSE\r\n")
+            assert _until_closed(sock) == b""  # no banner
+        m = scrape_until(mport, "mailstorm_sink_sessions_open", 0)
+    results = {labels[0][1]: n for labels, n in m["mailstorm_sink_proxy_headers_total"].items()}
+    assert results["accepted"] == 1 and results["malformed"] == 1
+    assert sum(results.values()) == 2
+    assert m["mailstorm_sink_lmtp_recipients_total"] == {
+        (("result", "delivered"),): 2, (("result", "refused"),): 1}
+    assert m["mailstorm_sink_messages_stored_total"][()] == 1
