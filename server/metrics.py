@@ -26,7 +26,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .stats import FAULT_KEY_PREFIX, REFUSED_KEY_PREFIX, REPLY_KEY_PREFIX, STORE_KEY_PREFIX
+from .stats import (
+    CLIENT_KEY_PREFIX,
+    FAULT_KEY_PREFIX,
+    REFUSED_KEY_PREFIX,
+    REPLY_KEY_PREFIX,
+    STORE_KEY_PREFIX,
+)
 
 __all__ = ["SinkCollector", "sink_registry"]
 
@@ -93,6 +99,13 @@ _LMTP_RECIPIENTS = _Family(
     "LMTP (--lmtp) recipients answered at the end of data, by result (delivered, refused)",
     CounterMetricFamily,
     ("result",),
+)
+_CLIENTS = _Family(
+    "client_sessions",
+    "sessions by client address (the real client, after any PROXY header); the first 100 "
+    "addresses a sink process sees are labels of their own, the rest count as 'other'",
+    CounterMetricFamily,
+    ("client",),
 )
 _UPTIME = _Family("uptime_seconds", "seconds since the sink started", GaugeMetricFamily)
 _WORKERS = _Family("workers", "sink worker processes (--workers)", GaugeMetricFamily)
@@ -182,6 +195,8 @@ class SinkCollector(Collector):
                 add(*known, value)
             elif key.startswith(REPLY_KEY_PREFIX):
                 add(_REPLIES, (key.removeprefix(REPLY_KEY_PREFIX),), value)
+            elif key.startswith(CLIENT_KEY_PREFIX):
+                add(_CLIENTS, (key.removeprefix(CLIENT_KEY_PREFIX),), value)
             elif key.startswith(REFUSED_KEY_PREFIX):
                 add(_REFUSED, (key.removeprefix(REFUSED_KEY_PREFIX),), value)
             elif key.startswith(FAULT_KEY_PREFIX):

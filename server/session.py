@@ -243,8 +243,9 @@ class Session:
                     if events is not None:
                         events.ended_because("PROXY header refused")
                     return
+                # After any PROXY header: the real client is counted and logged.
+                stats.count_client(self.peer_ip)
                 if events is not None:
-                    # After any PROXY header: the line names the real client.
                     events.session_start(self.implicit_tls)
                 now = trio.current_time()
                 self.idle_deadline = now + ctx.command_timeout

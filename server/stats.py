@@ -12,7 +12,9 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CLIENT_KEY_PREFIX",
     "FAULT_KEY_PREFIX",
+    "MAX_CLIENT_LABELS",
     "REFUSED_KEY_PREFIX",
     "REPLY_KEY_PREFIX",
     "STORE_BUCKETS",
@@ -30,6 +32,12 @@ REFUSED_KEY_PREFIX = "refused."
 #: Keys of the store-latency histogram: ``store_seconds.le.0.005`` (cumulative counts, as
 #: Prometheus buckets are), ``store_seconds.count``, ``store_seconds.sum``.
 STORE_KEY_PREFIX = "store_seconds."
+#: Keys counting sessions by client address (``clients.192.0.2.7``): the real client, after
+#: any PROXY header. The first ``MAX_CLIENT_LABELS`` addresses a process sees get keys of their
+#: own and the rest count under ``clients.other``, so that a sweep from many addresses cannot
+#: grow the counters (and the metrics' label sets) without bound.
+CLIENT_KEY_PREFIX = "clients."
+MAX_CLIENT_LABELS = 100
 #: Upper bounds of the store-latency buckets, in seconds (fixed, so that workers' counts add).
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: Reply codes are three digits; a list indexed by code costs one increment per reply.
@@ -39,6 +47,7 @@ _REPLY_CODES = 600
 #: Attributes that ``snapshot`` gives in another form (or not at all).
 _NOT_FLAT = (
     "started",
+    "client_sessions",
     "fault_counts",
     "reply_counts",
     "refused_counts",
@@ -79,6 +88,8 @@ class SinkStats:
     reply_counts: list[int] = field(default_factory=lambda: [0] * _REPLY_CODES)
     #: Refused messages by reason: "too_big", "bare_linefeed", "fault", "storage_failure".
     refused_counts: dict[str, int] = field(default_factory=dict)
+    #: Sessions by client address (bounded: ``count_client``).
+    client_sessions: dict[str, int] = field(default_factory=dict)
     #: Store latency (stores that wait: maildir, mbox): counts per ``STORE_BUCKETS`` bound
     #: (not cumulative; the last is +Inf), and the sum of the seconds.
     store_buckets: list[int] = field(default_factory=lambda: [0] * (len(STORE_BUCKETS) + 1))
@@ -110,6 +121,13 @@ class SinkStats:
             self.faults_replied += 1
         key = f"{point} {what}"
         self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
+
+    def count_client(self, address: str) -> None:
+        """One more session from ``address`` (see ``CLIENT_KEY_PREFIX`` for the bound)."""
+        counts = self.client_sessions
+        if address not in counts and len(counts) >= MAX_CLIENT_LABELS:
+            address = "other"
+        counts[address] = counts.get(address, 0) + 1
 
     def count_refused(self, reason: str) -> None:
         """One message refused (and counted in ``messages_refused`` by the caller)."""
@@ -143,6 +161,7 @@ class SinkStats:
             f"{REPLY_KEY_PREFIX}{code}": n for code, n in enumerate(self.reply_counts) if n
         }
         flat |= {f"{REFUSED_KEY_PREFIX}{why}": n for why, n in self.refused_counts.items()}
+        flat |= {f"{CLIENT_KEY_PREFIX}{ip}": n for ip, n in self.client_sessions.items()}
         cumulative = 0
         for bound, n in zip(STORE_BUCKETS, self.store_buckets, strict=False):
             cumulative += n

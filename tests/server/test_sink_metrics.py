@@ -21,6 +21,8 @@ from conftest import wait_for_output
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailstorm.sink import SinkThread
+from mailstorm.sink.metrics import sink_registry
+from mailstorm.sink.stats import MAX_CLIENT_LABELS, SinkStats
 
 PROCESS_TIMEOUT = 30.0
 BODY = "Subject: metrics\r\n\r\nhello\r\n"
@@ -106,6 +108,7 @@ def _send_the_mix(port: int) -> None:
 
 def _check_the_mix(m: dict, *, stored_to_maildir: bool) -> None:
     assert m["mailstorm_sink_sessions_total"][()] == 8
+    assert m["mailstorm_sink_client_sessions_total"] == {(("client", "127.0.0.1"),): 8}
     assert m["mailstorm_sink_sessions_open"][()] == 0
     assert m["mailstorm_sink_messages_stored_total"][()] == 5
     assert m["mailstorm_sink_messages_received_total"][()] == 7
@@ -293,6 +296,22 @@ def test_proxy_headers_and_lmtp_recipients_are_counted(tmp_path: Path) -> None:
     results = {labels[0][1]: n for labels, n in m["mailstorm_sink_proxy_headers_total"].items()}
     assert results["accepted"] == 1 and results["malformed"] == 1
     assert sum(results.values()) == 2
+    # The proxied session counts under the header's client; the refused one under nobody.
+    assert m["mailstorm_sink_client_sessions_total"] == {(("client", "192.0.2.7"),): 1}
     assert m["mailstorm_sink_lmtp_recipients_total"] == {
         (("result", "delivered"),): 2, (("result", "refused"),): 1}
     assert m["mailstorm_sink_messages_stored_total"][()] == 1
+
+
+def test_sessions_by_client_keep_a_bounded_label_set() -> None:
+    """Past ``MAX_CLIENT_LABELS`` addresses, new ones count as "other": a sweep from a whole
+    network cannot grow the metrics without bound."""
+    stats = SinkStats()
+    for i in range(MAX_CLIENT_LABELS + 50):
+        stats.count_client(f"10.0.{i // 256}.{i % 256}")
+    stats.count_client("10.0.0.0")  # a known address keeps its own label
+    families = {f.name: f for f in sink_registry(stats.snapshot).collect()}
+    samples = families["mailstorm_sink_client_sessions"].samples
+    assert len(samples) == MAX_CLIENT_LABELS + 1
+    by_client = {s.labels["client"]: s.value for s in samples}
+    assert by_client["other"] == 50 and by_client["10.0.0.0"] == 2
