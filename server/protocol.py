@@ -92,10 +92,6 @@ class Delivery:
     queue_id: str
 
 
-#: A refused message's reply code, by ``MessageRefused.reason`` (for ``--log-events``).
-_REFUSAL_CODES = {"too big": 552, "bare linefeed": 550}
-
-
 class SinkProtocol:
     """The decisions of one sink session; see the module docstring.
 
@@ -226,7 +222,6 @@ class SinkProtocol:
                     # LMTP: one recipient refused; the message may be stored for the others.
                     self.stats.lmtp_recipients_refused += 1
                 elif event.point == "EOD":
-                    self.stats.messages_refused += 1
                     self.stats.count_refused("fault")
                 if self.events is not None:
                     if event.code == 421:
@@ -264,7 +259,6 @@ class SinkProtocol:
             self._log_refused(451, "storage failed", None)
         self.delivery = None
         self.stats.storage_failures += 1
-        self.stats.messages_refused += 1
         self.stats.count_refused("storage_failure")
         if self.lmtp and delivery is not None:
             self.stats.lmtp_recipients_refused += len(delivery.event.envelope.rcpt_tos)
@@ -386,12 +380,11 @@ class SinkProtocol:
         """A message refused at its end of data (by policy, or in LMTP by faults for each of
         its recipients, who are counted with their ``FaultReplied``)."""
         stats = self.stats
-        stats.messages_refused += 1
         if event.reason == REFUSED_FOR_EVERY_RECIPIENT:
             stats.count_refused("fault")  # each refusal was logged with its FaultReplied
             return
         if self.events is not None:
-            self._log_refused(_REFUSAL_CODES.get(event.reason, 554), event.reason, event)
+            self._log_refused(event.code, event.reason, event)
         stats.count_refused(event.reason.replace(" ", "_"))
         if self.lmtp:
             stats.lmtp_recipients_refused += len(event.envelope.rcpt_tos)

@@ -376,7 +376,6 @@ class Session:
                     delivery.event.envelope, delivery.event.content, delivery.trace
                 )
         except (StoreError, OSError) as exc:
-            self.ctx.stats.observe_store(time.perf_counter() - started)
             log.error(
                 "storing message %s failed: %s",
                 delivery.queue_id,
@@ -390,8 +389,9 @@ class Session:
             )
             protocol.delivery_failed()
         else:
-            self.ctx.stats.observe_store(time.perf_counter() - started)
             protocol.delivered()
+        finally:
+            self.ctx.stats.observe_store(time.perf_counter() - started)
         # The client's time again: it must read the answer (in LMTP up to a reply per
         # recipient, more than the socket buffers) or a send could wait forever.
         self.idle_deadline = trio.current_time() + self.ctx.command_timeout

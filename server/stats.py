@@ -130,7 +130,8 @@ class SinkStats:
         counts[address] = counts.get(address, 0) + 1
 
     def count_refused(self, reason: str) -> None:
-        """One message refused (and counted in ``messages_refused`` by the caller)."""
+        """One complete message refused: in ``messages_refused`` and under its reason."""
+        self.messages_refused += 1
         self.refused_counts[reason] = self.refused_counts.get(reason, 0) + 1
 
     def observe_store(self, seconds: float) -> None:

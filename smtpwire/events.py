@@ -120,6 +120,8 @@ class MessageRefused(Event):
     #: Why: "too big" or "bare linefeed" (``data.DataFailure`` values), or, in LMTP,
     #: ``REFUSED_FOR_EVERY_RECIPIENT``.
     reason: str
+    #: The code of the refusal queued (in LMTP, each recipient's: the first one's here).
+    code: int
 
 
 @dataclass(slots=True)

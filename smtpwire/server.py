@@ -606,13 +606,9 @@ class ServerConnection:
         """
         rcpts = envelope.rcpt_tos
         if failure is not None:
-            reply = (
-                R.BARE_LINEFEED
-                if failure is DataFailure.BARE_LINEFEED
-                else R.size_exceeded(self.policy.max_size)
-            )
+            reply = self._failure_reply(failure)
             self._lmtp_start(rcpts, {}, reply)
-            return MessageRefused(envelope, failure.value)
+            return MessageRefused(envelope, failure.value, reply.code)
         assert content is not None
         refused: dict[int, Reply] = {}
         events: list[Event] = []
@@ -635,7 +631,9 @@ class ServerConnection:
                     delay = Delay("EOD", verdict.delay, verdict.why)
         if len(refused) == len(rcpts):
             self._lmtp_start(rcpts, refused, None)
-            events.append(MessageRefused(envelope, REFUSED_FOR_EVERY_RECIPIENT))
+            # Each recipient has its own code (its FaultReplied); the message, the first one's.
+            first_code = refused[min(refused)].code
+            events.append(MessageRefused(envelope, REFUSED_FOR_EVERY_RECIPIENT, first_code))
             if delay is not None:
                 events.insert(0, delay)  # held events come out before any reply is queued
             return self._emit(events)
@@ -834,7 +832,7 @@ class ServerConnection:
                 self._reset_transaction()
                 self._reply(refusal)
                 assert envelope is not None
-                return MessageRefused(envelope, DataFailure.TOO_BIG.value)
+                return MessageRefused(envelope, DataFailure.TOO_BIG.value, refusal.code)
             self._refuse(refusal)
             return None
         self._bdat_chunks.append(chunk)
@@ -1007,6 +1005,12 @@ class ServerConnection:
         self.mode = Mode.BDAT
         return None
 
+    def _failure_reply(self, failure: DataFailure) -> Reply:
+        """The refusal of a message that broke the content policy (size, bare CR/LF)."""
+        if failure is DataFailure.BARE_LINEFEED:
+            return R.BARE_LINEFEED
+        return R.size_exceeded(self.policy.max_size)
+
     def _finish_message(self, content: bytes | None, failure: DataFailure | None) -> Event | None:
         envelope = self.envelope
         self._reset_transaction()
@@ -1014,12 +1018,9 @@ class ServerConnection:
         if self._lmtp:
             return self._finish_lmtp(envelope, content, failure)
         if failure is not None:
-            self._reply(
-                R.BARE_LINEFEED
-                if failure is DataFailure.BARE_LINEFEED
-                else R.size_exceeded(self.policy.max_size)
-            )
-            return MessageRefused(envelope, failure.value)
+            reply = self._failure_reply(failure)
+            self._reply(reply)
+            return MessageRefused(envelope, failure.value, reply.code)
         assert content is not None
         if self._faults is not None:
             verdict = self._faults.decide("EOD", envelope.mail_from, envelope.rcpt_tos)
