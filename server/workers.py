@@ -49,8 +49,8 @@ REPORT_INTERVAL = 0.5
 CRASH_LIMIT = 3
 CRASH_WINDOW = 10.0
 CRASH_BACKOFF = 2.0
-#: Counters always in the totals (every other number a worker reports is summed too, see
-#: ``_summed_names``; uptime and pid are not).
+#: Counters in the totals from the start, before any worker has reported (``totals_line``
+#: reads them); every other number a worker reports is summed too (``_summed_names``).
 _SUMMED = (
     "sessions_total",
     "sessions_active",
@@ -65,14 +65,6 @@ _SUMMED = (
     "faults_replied",
     "faults_delayed",
     "faults_dropped",
-    "proxy_accepted",
-    "proxy_refused_untrusted",
-    "proxy_refused_malformed",
-    "proxy_refused_truncated",
-    "proxy_refused_oversize",
-    "proxy_refused_timeout",
-    "lmtp_recipients_delivered",
-    "lmtp_recipients_refused",
 )
 #: Counters of a session that ended with its worker must not stay "active".
 _GAUGES = ("sessions_active",)
